@@ -1,0 +1,1 @@
+"""Training recipes for keras_norm, run from the project root (`python -m recipes.cifar`)."""
