@@ -1,0 +1,246 @@
+"""What keras_norm's layers share: argument checks, the affine part, axes and config.
+
+Keras copies the same gamma/beta set-up, `compute_output_shape` and `get_config` into every
+normalization file; here they live once. Derived values (canonical axes, adapted group counts)
+are kept in private attributes so that `get_config()` always returns the user's arguments.
+"""
+
+import numbers
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from keras_norm import stats
+
+INFERENCE_STATISTICS = ("moving", "batch")
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _received(name, value):
+    return f"Received: {name}={value!r}"
+
+
+def check_bool(owner, name, value):
+    """Returns `value` if it is a Python bool, else raises `TypeError`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: argument `{name}` must be a bool. {_received(name, value)}")
+    return value
+
+
+def check_int(owner, name, value, minimum=None, allow_none=False):
+    """Returns `value` as int; rejects bools, non-integers and values below `minimum`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{owner}: argument `{name}` must be an integer"
+            f"{' or None' if allow_none else ''}. {_received(name, value)}"
+        )
+    if minimum is not None and value < minimum:
+        raise ValueError(
+            f"{owner}: argument `{name}` must be >= {minimum}. {_received(name, value)}"
+        )
+    return int(value)
+
+
+def check_float(owner, name, value, low=None, high=None, low_open=False, high_open=False):
+    """Returns `value` as float, checking it lies in the interval given (open or closed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: argument `{name}` must be a number. {_received(name, value)}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or value != value:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(
+            f"{owner}: argument `{name}` must be in {interval}. {_received(name, value)}"
+        )
+    return value
+
+
+def check_choice(owner, name, value, choices):
+    """Returns `value` if it is one of `choices` (strings), else raises `ValueError`."""
+    if value not in choices:
+        raise ValueError(
+            f"{owner}: argument `{name}` must be one of {list(choices)}. "
+            f"{_received(name, value)}"
+        )
+    return value
+
+
+def check_axis_argument(owner, axis):
+    """Accepts an int or a non-empty list/tuple of ints (no bools); returns int or tuple."""
+    if isinstance(axis, (list, tuple)):
+        if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral)
+                           for a in axis):
+            raise TypeError(
+                f"{owner}: argument `axis` must be an int or a non-empty list of ints. "
+                f"{_received('axis', axis)}"
+            )
+        return tuple(int(a) for a in axis)
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"{owner}: argument `axis` must be an int or a list of ints. {_received('axis', axis)}"
+        )
+    return int(axis)
+
+
+def canonical_axes(owner, axis, input_shape):
+    """Maps `axis` (int or tuple) to sorted non-negative axes of `input_shape`, validated."""
+    ndim = len(input_shape)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{owner}: axis {a} is out of range for an input of rank {ndim} "
+                f"(shape {tuple(input_shape)}). {_received('axis', axis)}"
+            )
+    positive = sorted({a % ndim for a in axes})
+    if len(positive) != len(axes):
+        raise ValueError(f"{owner}: argument `axis` repeats an axis. {_received('axis', axis)}")
+    return positive
+
+
+def broadcast_shape(ndim, axes, input_shape):
+    """Shape `[1, .., C_a, .., 1]` that a parameter over `axes` broadcasts with."""
+    shape = [1] * ndim
+    for a in axes:
+        shape[a] = input_shape[a]
+    return shape
+
+
+# ------------------------------------------------------------------------------------- layers
+class AffineNormalization(keras.layers.Layer):
+    """Base for normalizations followed by an optional learned `gamma * x + beta`.
+
+    Subclasses call `_build_affine(param_shape)` in `build` and `_apply_affine`/
+    `_affine_parameters` in `call`; `get_config` and `compute_output_shape` come from here.
+    """
+
+    def __init__(
+        self,
+        epsilon,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        owner = self.__class__.__name__
+        self.epsilon = check_float(owner, "epsilon", epsilon, low=0.0, low_open=True)
+        self.center = check_bool(owner, "center", center)
+        self.scale = check_bool(owner, "scale", scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+
+    @property
+    def _owner(self):
+        return f"{self.__class__.__name__} layer {self.name!r}"
+
+    def _build_affine(self, shape):
+        """Creates `gamma` then `beta` (Keras's order), float32 even under mixed precision."""
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+                trainable=True, autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+                trainable=True, autocast=False,
+            )
+
+    def _affine_parameters(self, dtype, shape=None):
+        """`(gamma, beta)` cast to `dtype` and reshaped to `shape` (None where disabled)."""
+        def prepare(weight):
+            if weight is None:
+                return None
+            value = tf.cast(weight, dtype)
+            return value if shape is None else tf.reshape(value, shape)
+        return prepare(self.gamma), prepare(self.beta)
+
+    def compute_output_shape(self, input_shape):
+        axis = getattr(self, "axis", -1)
+        canonical_axes(self._owner, axis if not isinstance(axis, list) else tuple(axis),
+                       input_shape)
+        return tuple(input_shape)
+
+    def _affine_config(self):
+        return {
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+        }
+
+    def get_config(self):
+        return {**super().get_config(), **self._affine_config()}
+
+
+class BatchDependentMixin:
+    """Shared by layers whose training output depends on the whole batch.
+
+    They take `inference_statistics="moving"|"batch"` and, when `training=True` and the layer is
+    trainable, update their population statistics; `trainable=False` means inference mode, as
+    for Keras's BatchNormalization. `keras_norm.batch_statistics(model)` switches every such
+    layer to `"batch"` temporarily.
+    """
+
+    #: Marks layers that `batch_statistics` and `recompute_statistics` act on.
+    batch_dependent = True
+
+    def _init_inference_statistics(self, inference_statistics):
+        self.inference_statistics = check_choice(
+            self.__class__.__name__, "inference_statistics", inference_statistics,
+            INFERENCE_STATISTICS,
+        )
+
+    def _is_training(self, training):
+        """True when the layer should use batch statistics AND update its population ones."""
+        return bool(training) and self.trainable
+
+    def _uses_batch_statistics(self, training):
+        return self._is_training(training) or self.inference_statistics == "batch"
+
+
+def add_statistic(layer, name, shape, initializer):
+    """A float32, non-trainable population statistic, averaged over replicas on update.
+
+    Always float32, whatever the layer's dtype policy: a float16 running variance loses the
+    precision the statistic exists to keep.
+
+    `aggregation="mean"`: under `MirroredStrategy` an unsynchronized layer's replicas see
+    different batches; averaging their updates keeps one consistent moving statistic instead of
+    silently diverging per-replica copies.
+    """
+    return layer.add_weight(
+        shape=shape, name=name, initializer=initializer, dtype="float32", trainable=False,
+        autocast=False, aggregation="mean",
+    )
+
+
+def to_statistics_dtype(inputs):
+    """Casts inputs to the float dtype statistics use (float32 for half floats and ints)."""
+    return tf.cast(inputs, stats.statistics_dtype(inputs.dtype))

@@ -1,0 +1,345 @@
+"""Batch normalization: a superset of `keras.layers.BatchNormalization`."""
+
+import keras
+import tensorflow as tf
+from keras import initializers
+
+from keras_norm import stats
+from keras_norm.layers import base
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _clone_initializer(initializer):
+    """A fresh copy of a (possibly seeded) initializer, so two weights don't share draws."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
+
+
+def _check_renorm_clipping(owner, renorm_clipping):
+    if renorm_clipping is None:
+        return {}
+    if not isinstance(renorm_clipping, dict):
+        raise TypeError(
+            f"{owner}: argument `renorm_clipping` must be a dict with keys "
+            f"{list(RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+        )
+    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{owner}: argument `renorm_clipping` has unknown keys {unknown}; supported keys "
+            f"are {list(RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+        )
+    clipping = {key: base.check_float(owner, f"renorm_clipping['{key}']", value, low=0.0)
+                for key, value in renorm_clipping.items() if value is not None}
+    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            f"{owner}: `renorm_clipping` needs rmax >= rmin. "
+            f"Received: rmax={rmax}, rmin={rmin}"
+        )
+    return clipping
+
+
+@keras.saving.register_keras_serializable(package="keras_norm")
+class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
+    """Batch normalization with synchronized, ghost-batch and batch-statistics options.
+
+    A drop-in replacement for `keras.layers.BatchNormalization` (Keras 3): the same arguments,
+    defaults, weights (names, order, shapes) and training/inference behaviour, so existing code
+    and saved weights work unchanged. On top of it:
+
+    - `synchronized=True` computes exact cross-replica statistics: each replica's two-pass
+      `(count, mean, M2)` are merged with Chan's formula, so the result equals one device on
+      the global batch even when `|mean| >> std` (Keras uses `E[x^2] - E[x]^2`), replicas are
+      weighted by their true counts (uneven last batch, masks; an empty replica gives no NaN),
+      and gradients flow through the all-reduce. Outside a strategy it is plain BN.
+    - `virtual_batch_size=v` (ghost batch norm, Hoffer et al. 2017): statistics per group of
+      `v` consecutive examples of each replica's batch. A batch that `v` does not divide ends
+      with one smaller group. Moving statistics track the count-weighted average of the
+      groups' means and variances (the plain average when all groups are full).
+    - `inference_statistics="batch"`: at inference, normalize with the current batch's own
+      statistics (transductive evaluation) and leave the moving statistics untouched.
+    - Masks are exact (Keras adds `1e-7` to the count) and work when synchronized.
+    - Under `MirroredStrategy` without synchronization, the moving statistics become the
+      average of the replicas' updates (Keras keeps divergent per-replica copies).
+
+    ```
+    training:   y = gamma * (x - mean_B) / sqrt(var_B + epsilon) + beta
+    inference:  y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta
+    moving_stat = momentum * moving_stat + (1 - momentum) * batch_stat
+    ```
+
+    Example:
+
+    >>> import numpy as np, keras, keras_norm
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 3)),
+    ...     keras.layers.Conv2D(4, 3),
+    ...     keras_norm.BatchNormalization(virtual_batch_size=4),
+    ...     keras.layers.ReLU(),
+    ... ])
+    >>> model(np.zeros((10, 8, 8, 3), "float32"), training=True).shape
+    TensorShape([10, 6, 6, 4])
+
+    Args:
+        axis: Integer, the features (channel) axis. Defaults to `-1`.
+        momentum: Momentum of the moving averages, in `[0, 1]`. Defaults to `0.99`.
+        epsilon: Positive float added to the variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        moving_mean_initializer: Initializer for the moving mean. Defaults to `"zeros"`.
+        moving_variance_initializer: Initializer for the moving variance. Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        renorm: Whether to use Batch Renormalization (Ioffe 2017): during training the
+            normalized value is corrected to `x_hat * r + d` with
+            `r = stop_gradient(clip(sigma_B / sigma))`, `d = stop_gradient(clip((mu_B - mu) /
+            sigma))` from renorm moving statistics. Adds the weights `moving_stddev`,
+            `renorm_mean`, `renorm_stddev` (as Keras). Defaults to `False`.
+        renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"` bounding `r`
+            to `[rmin, rmax]` and `d` to `[-dmax, dmax]`; missing keys mean no bound. Only
+            valid with `renorm=True`. Defaults to `None`.
+        renorm_momentum: Momentum of the renorm moving statistics. Defaults to `0.99`.
+        synchronized: If `True`, compute statistics over the global batch of all replicas
+            under a `tf.distribute` strategy (exactly, see above). Defaults to `False`.
+        virtual_batch_size: Positive int or `None`; size of the ghost batches each replica's
+            batch is split into. Cannot be combined with `synchronized=True`. Defaults to
+            `None` (the whole batch).
+        inference_statistics: `"moving"` or `"batch"`: what to normalize with at inference.
+            Defaults to `"moving"`.
+        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of any rank >= 2.
+        training: Python bool. `True` normalizes with the batch statistics and updates the
+            moving ones (only if the layer is trainable: `trainable=False` freezes the layer
+            in inference mode, as in Keras).
+        mask: Optional boolean tensor of the input's shape without the channel axis; masked
+            values do not enter the statistics (they are still normalized).
+
+    Reference:
+        - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167)
+        - [Ioffe, 2017, Batch Renormalization](https://arxiv.org/abs/1702.03275)
+        - [Hoffer et al., 2017, Train longer, generalize better](https://arxiv.org/abs/1705.08741)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        synchronized=False,
+        virtual_batch_size=None,
+        inference_statistics="moving",
+        **kwargs,
+    ):
+        super().__init__(
+            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint, **kwargs,
+        )
+        owner = self.__class__.__name__
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(
+                f"{owner}: argument `axis` must be an integer (the channel axis). "
+                f"Received: axis={axis!r}"
+            )
+        self.axis = axis
+        self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.renorm = base.check_bool(owner, "renorm", renorm)
+        if renorm_clipping is not None and not renorm:
+            raise ValueError(
+                f"{owner}: argument `renorm_clipping` is only used with renorm=True. "
+                f"Received: renorm_clipping={renorm_clipping!r}, renorm=False"
+            )
+        self._clipping = _check_renorm_clipping(owner, renorm_clipping)
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = base.check_float(owner, "renorm_momentum", renorm_momentum,
+                                                0.0, 1.0)
+        self.synchronized = base.check_bool(owner, "synchronized", synchronized)
+        self.virtual_batch_size = base.check_int(owner, "virtual_batch_size",
+                                                 virtual_batch_size, minimum=1,
+                                                 allow_none=True)
+        if self.synchronized and self.virtual_batch_size is not None:
+            raise ValueError(
+                f"{owner}: ghost batches are formed within each replica's batch, so "
+                "`virtual_batch_size` cannot be combined with synchronized=True. "
+                f"Received: virtual_batch_size={virtual_batch_size}, synchronized=True"
+            )
+        self._init_inference_statistics(inference_statistics)
+        self.moving_mean = None
+        self.moving_variance = None
+
+    # ------------------------------------------------------------------------------- build
+    def build(self, input_shape):
+        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
+        if input_shape[self._axis] is None:
+            raise ValueError(
+                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
+                f"size. Received: input_shape={tuple(input_shape)}"
+            )
+        if self.virtual_batch_size is not None and self._axis == 0:
+            raise ValueError(
+                f"{self._owner}: ghost batches split axis 0, which cannot be the channel axis. "
+                f"Received: axis={self.axis}, virtual_batch_size={self.virtual_batch_size}"
+            )
+        ndim = len(input_shape)
+        shape = (input_shape[self._axis],)
+        self._build_affine(shape)
+        self.moving_mean = base.add_statistic(self, "moving_mean", shape,
+                                              self.moving_mean_initializer)
+        self.moving_variance = base.add_statistic(self, "moving_variance", shape,
+                                                  self.moving_variance_initializer)
+        if self.renorm:
+            def moving_stddev_initializer(shape, dtype=None):
+                return tf.sqrt(_clone_initializer(self.moving_variance_initializer)(
+                    shape, dtype=dtype))
+
+            self.moving_stddev = base.add_statistic(self, "moving_stddev", shape,
+                                                    moving_stddev_initializer)
+            self.renorm_mean = base.add_statistic(
+                self, "renorm_mean", shape, _clone_initializer(self.moving_mean_initializer))
+            self.renorm_stddev = base.add_statistic(self, "renorm_stddev", shape,
+                                                    moving_stddev_initializer)
+        self.input_spec = keras.layers.InputSpec(ndim=ndim,
+                                                 axes={self._axis: input_shape[self._axis]})
+        self._reduction_axes = [a for a in range(ndim) if a != self._axis]
+        self._param_shape = base.broadcast_shape(ndim, [self._axis], input_shape)
+
+    # -------------------------------------------------------------------------------- call
+    def call(self, inputs, training=None, mask=None):
+        x = base.to_statistics_dtype(inputs)
+        mask = self._expand_mask(mask, x)
+        gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
+        if not self._uses_batch_statistics(training):
+            mean = tf.reshape(tf.cast(self.moving_mean, x.dtype), self._param_shape)
+            variance = tf.reshape(tf.cast(self.moving_variance, x.dtype), self._param_shape)
+            outputs = stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
+        elif self.virtual_batch_size is not None:
+            outputs = self._normalize_ghost(x, mask, gamma, beta, self._is_training(training))
+        else:
+            moments = stats.batch_moments(x, self._reduction_axes, mask, self.synchronized)
+            mean, variance = moments.mean, moments.variance
+            outputs = self._normalize_with(x, mean, variance, gamma, beta, training)
+            if self._is_training(training):
+                self._update_statistics(mean, variance, tf.reduce_sum(moments.count) > 0)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _expand_mask(self, mask, x):
+        """Keras's mask has the input's shape without the channel axis: add that axis back."""
+        if mask is None:
+            return None
+        if len(mask.shape) != len(x.shape) - 1:
+            raise ValueError(
+                f"{self._owner}: the mask must have one dimension less than the inputs (no "
+                f"channel axis). Received: mask.shape={tuple(mask.shape)}, "
+                f"inputs.shape={tuple(x.shape)}"
+            )
+        return tf.expand_dims(tf.cast(mask, x.dtype), self._axis)
+
+    def _normalize_with(self, x, mean, variance, gamma, beta, training):
+        """Normalizes with batch statistics, applying the renorm correction when training."""
+        if self.renorm and self._is_training(training):
+            r, d = self._renorm_correction(mean, variance)
+            gamma, beta = self._compose_renorm(r, d, gamma, beta)
+        return stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
+
+    def _normalize_ghost(self, x, mask, gamma, beta, training):
+        """Per-ghost-batch statistics: regroup `(B, ...)` as `(G, v, ...)`, normalize, undo."""
+        grouped, valid, batch_size = stats.split_into_groups(x, self.virtual_batch_size, mask)
+        group_axes = [a + 1 for a in self._reduction_axes]
+        moments = stats.moments(grouped, group_axes, valid)
+        shape = [1] + self._param_shape
+        gamma = None if gamma is None else tf.reshape(gamma, shape)
+        beta = None if beta is None else tf.reshape(beta, shape)
+        mean, variance = moments.mean, moments.variance
+        outputs = self._normalize_with(grouped, mean, variance, gamma, beta, training)
+        if training:
+            batch_mean, batch_variance, count = stats.combine_groups(moments)
+            self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0)
+        return stats.merge_groups(outputs, batch_size)
+
+    # ---------------------------------------------------------------------------- renorm
+    def _renorm_correction(self, mean, variance):
+        """`(r, d)` of Batch Renormalization, clipped and without gradient."""
+        stddev = tf.sqrt(variance + self.epsilon)
+        renorm_mean = tf.reshape(tf.cast(self.renorm_mean, mean.dtype), self._param_shape)
+        # The renorm stddev can approach 0 early in training: bound it as Keras does.
+        renorm_stddev = tf.maximum(
+            tf.reshape(tf.cast(self.renorm_stddev, mean.dtype), self._param_shape),
+            tf.sqrt(tf.constant(self.epsilon, mean.dtype)),
+        )
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        if "rmin" in self._clipping:
+            r = tf.maximum(r, self._clipping["rmin"])
+        if "rmax" in self._clipping:
+            r = tf.minimum(r, self._clipping["rmax"])
+        if "dmax" in self._clipping:
+            d = tf.clip_by_value(d, -self._clipping["dmax"], self._clipping["dmax"])
+        return tf.stop_gradient(r), tf.stop_gradient(d)
+
+    @staticmethod
+    def _compose_renorm(r, d, gamma, beta):
+        """`gamma * (x_hat * r + d) + beta` as a single scale and offset."""
+        if gamma is None:
+            return r, d if beta is None else d + beta
+        offset = d * gamma
+        return r * gamma, offset if beta is None else offset + beta
+
+    # ------------------------------------------------------------------ moving statistics
+    def _update_statistics(self, mean, variance, has_values):
+        """Moves the population statistics towards the batch's (skipped for an empty batch)."""
+        if not self.renorm:
+            stats.assign_moving_average(self.moving_mean, mean, self.momentum, has_values)
+            stats.assign_moving_average(self.moving_variance, variance, self.momentum,
+                                        has_values)
+            return
+        stddev = tf.sqrt(variance + self.epsilon)
+        stats.assign_moving_average(self.renorm_mean, mean, self.renorm_momentum, has_values)
+        stats.assign_moving_average(self.renorm_stddev, stddev, self.renorm_momentum,
+                                    has_values)
+        stats.assign_moving_average(self.moving_mean, mean, self.momentum, has_values)
+        stats.assign_moving_average(self.moving_stddev, stddev, self.momentum, has_values)
+        # Inference reads moving_variance; derive it from the tracked stddev (>= 0).
+        moving_stddev = tf.convert_to_tensor(self.moving_stddev)
+        self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
+
+    # ----------------------------------------------------------------------------- config
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer),
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+            "synchronized": self.synchronized,
+            "virtual_batch_size": self.virtual_batch_size,
+            "inference_statistics": self.inference_statistics,
+        }
+        return {**super().get_config(), **config}

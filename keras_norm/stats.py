@@ -1,0 +1,198 @@
+"""The shared statistics every keras_norm layer uses.
+
+One place for: moments in float32 as `(count, mean, M2)`, the numerically stable cross-replica
+merge, ghost-batch grouping, moving-average updates and the normalize-then-affine step.
+
+Why `(count, mean, M2)` rather than `(sum x, sum x^2)`: the variance `E[x^2] - E[x]^2` loses all
+precision in float32 when `|mean| >> std` (Keras 3's synchronized batch norm has this defect).
+Each replica computes its own two-pass mean and centred sum of squares; replicas are merged with
+Chan et al.'s parallel formula, which is exact in the same cases as the two-pass one:
+
+    n = sum n_r,   mean = sum n_r mean_r / n,   M2 = sum [M2_r + n_r (mean_r - mean)^2]
+
+A replica (or a masked-out group) with `n_r = 0` contributes nothing and never produces a NaN.
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Moments(NamedTuple):
+    """Sufficient statistics of a set of values: count, mean and centred sum of squares.
+
+    All three broadcast against the tensor they were computed from (reduced axes kept as 1).
+    `count` is a float tensor; it may be smaller than the mean's shape (a scalar-like tensor
+    when every channel saw the same number of values).
+    """
+
+    count: tf.Tensor
+    mean: tf.Tensor
+    m2: tf.Tensor
+
+    @property
+    def variance(self):
+        """The biased (population) variance `M2 / n`; 0 where nothing was counted."""
+        return tf.math.divide_no_nan(self.m2, self.count)
+
+
+def statistics_dtype(dtype):
+    """The dtype statistics are computed in: float32 for half precision and integers."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def moments(x, axes, mask=None):
+    """Two-pass moments of `x` over `axes`, keeping the reduced axes.
+
+    Args:
+        x: A float tensor (upcast by the caller to `statistics_dtype`).
+        axes: Axes to reduce.
+        mask: Optional tensor broadcastable to `x`; values where it is 0/False are ignored.
+
+    Returns:
+        `Moments` with the reduced axes kept as size 1.
+    """
+    axes = list(axes)
+    if mask is None:
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+        count = tf.reshape(count, [1] * len(x.shape))
+        # Not reduce_mean: an empty replica (count 0) must give 0, not NaN.
+        mean = tf.math.divide_no_nan(tf.reduce_sum(x, axes, keepdims=True), count)
+        # d Var / d mean is zero, so the second pass needs no gradient through the mean.
+        m2 = tf.reduce_sum(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes,
+                           keepdims=True)
+        return Moments(count, mean, m2)
+    weights = tf.cast(tf.broadcast_to(tf.cast(mask, x.dtype), tf.shape(x)), x.dtype)
+    count = tf.reduce_sum(weights, axes, keepdims=True)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(x * weights, axes, keepdims=True), count)
+    centred = (x - tf.stop_gradient(mean)) * weights
+    m2 = tf.reduce_sum(tf.square(centred), axes, keepdims=True)
+    return Moments(count, mean, m2)
+
+
+def num_replicas_in_sync():
+    """The number of replicas the current replica context all-reduces over (1 outside one)."""
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return 1
+    return tf.distribute.get_replica_context().num_replicas_in_sync
+
+
+def all_reduce_sum(value):
+    """Sums `value` (a tensor or nest of tensors) over replicas; identity outside a strategy.
+
+    The all-reduce is differentiable: the gradient reaching each replica is the sum of the
+    upstream gradients of all replicas, as it is on one device with the concatenated batch.
+    """
+    if num_replicas_in_sync() == 1:
+        return value
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def merge_across_replicas(local):
+    """Merges per-replica `Moments` into global ones with Chan et al.'s stable formula.
+
+    Two small all-reduces (per-channel vectors): `(n, n * mean)` gives the global mean, then
+    `M2_r + n_r (mean_r - mean)^2` gives the global M2. Outside a multi-replica context the
+    moments are returned unchanged.
+    """
+    if num_replicas_in_sync() == 1:
+        return local
+    count = tf.broadcast_to(local.count, tf.shape(local.mean))
+    total_count, total_sum = all_reduce_sum((count, count * local.mean))
+    mean = tf.math.divide_no_nan(total_sum, total_count)
+    # The gradient through the global mean here is zero (sum n_r (mean_r - mean) = 0); the
+    # gradient through each replica's own mean is what carries the cross term.
+    spread = count * tf.math.squared_difference(local.mean, tf.stop_gradient(mean))
+    m2 = all_reduce_sum(local.m2 + spread)
+    return Moments(total_count, mean, m2)
+
+
+def batch_moments(x, axes, mask=None, synchronized=False):
+    """Moments of `x` over `axes`, merged across replicas when `synchronized`."""
+    local = moments(x, axes, mask)
+    return merge_across_replicas(local) if synchronized else local
+
+
+def combine_groups(group_moments, group_axis=0):
+    """Merges the moments of independent groups (ghost batches) along `group_axis`.
+
+    Returns the count-weighted average of the groups' means and variances, i.e. the statistics
+    the moving averages of ghost batch norm track: with equal group sizes this is the plain
+    average of the groups' statistics, as in tf-keras's `virtual_batch_size`.
+    """
+    count = tf.broadcast_to(group_moments.count, tf.shape(group_moments.mean))
+    total = tf.reduce_sum(count, group_axis, keepdims=True)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(count * group_moments.mean, group_axis,
+                                               keepdims=True), total)
+    variance = tf.math.divide_no_nan(tf.reduce_sum(group_moments.m2, group_axis,
+                                                   keepdims=True), total)
+    return mean, variance, total
+
+
+def split_into_groups(x, group_size, mask=None):
+    """Reshapes a batch `(B, ...)` into `(G, group_size, ...)` ghost batches.
+
+    A batch that `group_size` does not divide is zero-padded to the next multiple; the padding
+    is masked out, so the last group is simply smaller.
+
+    Args:
+        x: Tensor `(B, ...)`.
+        group_size: Python int, examples per ghost batch.
+        mask: Optional mask of the same rank as `x` (size-1 axes allowed).
+
+    Returns:
+        `(grouped_x, valid, batch_size)`: `valid` is a float mask `(G, group_size, ...)` that is
+        0 on the padding and on masked-out values.
+    """
+    batch_size = tf.shape(x)[0]
+    pad = tf.math.floormod(-batch_size, group_size)
+    rest_shape = tf.shape(x)[1:]
+    padding = [[0, pad]] + [[0, 0]] * (len(x.shape) - 1)
+    grouped = tf.reshape(tf.pad(x, padding), tf.concat([[-1, group_size], rest_shape], 0))
+    valid = tf.concat([tf.ones([batch_size], x.dtype), tf.zeros([pad], x.dtype)], 0)
+    valid = tf.reshape(valid, [-1, group_size] + [1] * (len(x.shape) - 1))
+    if mask is not None:
+        mask = tf.pad(tf.cast(mask, x.dtype), [[0, pad]] + [[0, 0]] * (len(mask.shape) - 1))
+        mask = tf.reshape(mask, tf.concat([[-1, group_size], tf.shape(mask)[1:]], 0))
+        valid = valid * mask
+    return grouped, valid, batch_size
+
+
+def merge_groups(grouped, batch_size):
+    """Inverse of `split_into_groups`: `(G, v, ...)` back to `(B, ...)`, dropping padding."""
+    flat = tf.reshape(grouped, tf.concat([[-1], tf.shape(grouped)[2:]], 0))
+    return flat[:batch_size]
+
+
+def normalize(x, mean, variance, epsilon, gamma=None, beta=None):
+    """`gamma * (x - mean) / sqrt(variance + epsilon) + beta` as one multiply-add.
+
+    Folding the statistics and the affine parameters into a per-channel scale and offset keeps
+    the per-element work to one fused multiply-add, which XLA fuses with its neighbours.
+    """
+    inv = tf.math.rsqrt(variance + epsilon)
+    if gamma is not None:
+        inv = inv * gamma
+    offset = -mean * inv
+    if beta is not None:
+        offset = offset + beta
+    return x * inv + offset
+
+
+def assign_moving_average(variable, value, momentum, update=None):
+    """`variable <- momentum * variable + (1 - momentum) * value` (Keras's convention).
+
+    Args:
+        variable: A Keras variable (float32 statistic).
+        value: The new observation, broadcastable to the variable's shape.
+        momentum: Python float or tensor.
+        update: Optional scalar bool tensor; where False the variable keeps its value (used
+            when a batch contributed no values at all, e.g. fully masked).
+    """
+    value = tf.cast(tf.reshape(value, variable.shape), variable.dtype)
+    old = tf.convert_to_tensor(variable)
+    new = old * momentum + value * (1.0 - momentum)
+    if update is not None:
+        new = tf.where(update, new, old)
+    variable.assign(new)

@@ -1,0 +1,270 @@
+"""The shared layer checker every keras_norm layer test uses.
+
+A `LayerCase` names a layer factory, an input shape and an independent NumPy reference; the
+`check_*` functions each assert one property:
+
+- `check_reference`: training-mode outputs, moving statistics after every step, inference-mode
+  outputs (and input gradients, when the reference provides them) match the reference;
+- `check_jit`: `jit_compile=True` equals eager, for outputs and state, in both modes;
+- `check_serialization`: `get_config` is unchanged by `build`, `from_config` and `.keras`
+  save/load round trips give identical outputs;
+- `check_mixed_precision`: under `mixed_float16` outputs are float16 and finite, every
+  variable (statistics included) stays float32 and finite after training steps;
+- `check_distributed`: under `MirroredStrategy` on two logical CPUs, a synchronized layer gives
+  the same outputs, moving statistics and gradients (inputs and weights) as one device on the
+  concatenated global batch.
+
+A reference is any object built from the layer's initial weights (a dict of NumPy arrays by
+weight name, e.g. "gamma", "moving_mean") with methods `train(x) -> y`, `infer(x) -> y` and
+`state() -> {weight name: expected value}`; it may add `input_gradient(x, dy) -> dx` (the
+gradient of `sum(y * dy)` in training mode, without advancing its state).
+"""
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class LayerCase:
+    """What the checks need to know about one layer configuration.
+
+    Attributes:
+        factory: Returns a new, unbuilt layer (same configuration every call).
+        input_shape: Shape of one (global) batch, e.g. `(8, 4, 4, 3)`.
+        reference: Builds the NumPy reference from `{weight name: array}`; None for checks
+            that need none.
+        steps: Training steps per check.
+        atol, rtol: Float32 tolerances against the reference and between execution modes.
+        input_fn: `(rng, shape) -> np.ndarray`; defaults to N(1.5, 2) values.
+        batch_dependent: Whether training and inference differ (moving statistics exist).
+    """
+
+    factory: Callable[[], keras.layers.Layer]
+    input_shape: tuple
+    reference: Optional[Callable] = None
+    steps: int = 3
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    input_fn: Optional[Callable] = None
+    batch_dependent: bool = True
+
+    def inputs(self, seed, shape=None):
+        rng = np.random.default_rng(seed)
+        shape = tuple(shape or self.input_shape)
+        if self.input_fn is not None:
+            return np.asarray(self.input_fn(rng, shape), dtype="float32")
+        return rng.normal(1.5, 2.0, size=shape).astype("float32")
+
+
+# ----------------------------------------------------------------------------------- helpers
+def weight_name(variable):
+    return variable.path.split("/")[-1]
+
+
+def weights_by_name(layer):
+    """`{name: value}` of every weight; names are unique within keras_norm layers."""
+    result = {}
+    for variable in layer.weights:
+        name = weight_name(variable)
+        assert name not in result, f"duplicate weight name {name!r} in {layer.name}"
+        result[name] = np.array(variable.numpy())
+    return result
+
+
+def build_randomized(case, seed=0, layer=None):
+    """A built layer whose trainable weights are random (so gamma/beta/tau are exercised)."""
+    layer = case.factory() if layer is None else layer
+    layer.build(case.input_shape)
+    rng = np.random.default_rng(seed + 1000)
+    for variable in layer.trainable_weights:
+        shape = tuple(variable.shape)
+        name = weight_name(variable)
+        if name in ("gamma",):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif name in ("kernel",):
+            value = rng.normal(0.0, 0.3, shape)
+        else:
+            value = rng.normal(0.0, 0.3, shape)
+        variable.assign(value.astype(variable.dtype))
+    return layer
+
+
+def clone_layer(case, layer):
+    """A second layer with the same configuration and weights."""
+    twin = case.factory()
+    twin.build(case.input_shape)
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+def assert_close(actual, expected, case, what):
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=case.atol,
+                               rtol=case.rtol, err_msg=what)
+
+
+def assert_state_equal(layer, expected, case, what):
+    actual = weights_by_name(layer)
+    for name, value in expected.items():
+        assert name in actual, f"{what}: layer has no weight {name!r} ({sorted(actual)})"
+        assert_close(actual[name], value, case, f"{what}: weight {name!r}")
+
+
+# ------------------------------------------------------------------------------------ checks
+def check_reference(case, seed=0):
+    """Outputs, moving statistics and inference outputs match the NumPy reference."""
+    layer = build_randomized(case, seed)
+    reference = case.reference(weights_by_name(layer))
+    for step in range(case.steps):
+        x = case.inputs(seed + step)
+        if hasattr(reference, "input_gradient"):
+            dy = np.random.default_rng(seed + 77 + step).normal(size=x.shape).astype("float32")
+            xt = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                y = layer(xt, training=True)
+                loss = tf.reduce_sum(y * dy)
+            expected_dx = reference.input_gradient(x, dy)
+            assert_close(tape.gradient(loss, xt), expected_dx, case, f"input gradient, step {step}")
+        else:
+            y = layer(x, training=True)
+        assert_close(y, reference.train(x), case, f"training output, step {step}")
+        assert_state_equal(layer, reference.state(), case, f"state after step {step}")
+    x = case.inputs(seed + 99)
+    assert_close(layer(x, training=False), reference.infer(x), case, "inference output")
+    assert_state_equal(layer, reference.state(), case, "state after inference")
+
+
+def _run_steps(layer, inputs, training, jit):
+    def step(x):
+        return layer(x, training=training)
+
+    fn = tf.function(step, jit_compile=True) if jit else step
+    return [np.array(fn(tf.constant(x))) for x in inputs]
+
+
+def check_jit(case, seed=0):
+    """`jit_compile=True` equals eager in training (outputs and state) and inference."""
+    eager = build_randomized(case, seed)
+    compiled = clone_layer(case, eager)
+    inputs = [case.inputs(seed + i) for i in range(case.steps)]
+    for training in (True, False):
+        expected = _run_steps(eager, inputs, training, jit=False)
+        actual = _run_steps(compiled, inputs, training, jit=True)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, case, f"jit vs eager output, training={training}, step {i}")
+        assert_state_equal(compiled, weights_by_name(eager), case, f"jit state, {training=}")
+
+
+def check_serialization(case, seed=0):
+    """Config unchanged by build; from_config and .keras round trips give equal outputs."""
+    layer = case.factory()
+    config = layer.get_config()
+    build_randomized(case, seed, layer)
+    assert layer.get_config() == config, "get_config() changed after build()"
+    x_train, x_test = case.inputs(seed), case.inputs(seed + 1)
+    layer(x_train, training=True)  # move the statistics away from their initial values
+
+    restored = layer.__class__.from_config(config)
+    restored.build(case.input_shape)
+    restored.set_weights(layer.get_weights())
+    assert restored.get_config() == config, "from_config(get_config()) is not a round trip"
+    assert_close(restored(x_test, training=False), layer(x_test, training=False), case,
+                 "from_config inference output")
+
+    inputs = keras.Input(batch_shape=(None,) + tuple(case.input_shape[1:]))
+    model = keras.Model(inputs, layer(inputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded(x_test, training=False), model(x_test, training=False),
+                                  err_msg=".keras round trip changed inference outputs")
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"weight {a.path}")
+    if case.batch_dependent:
+        twin = clone_layer(case, layer)
+        np.testing.assert_allclose(loaded(x_test, training=True), twin(x_test, training=True),
+                                   atol=case.atol, err_msg=".keras round trip, training output")
+
+
+def check_mixed_precision(case, seed=0):
+    """mixed_float16: float16 outputs, float32 finite variables, finite after training."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = case.factory()
+        layer.build(case.input_shape)
+        for step in range(case.steps):
+            x = tf.constant(case.inputs(seed + step), tf.float16)
+            y = layer(x, training=True)
+            assert y.dtype == tf.float16, f"training output dtype {y.dtype}"
+            assert np.all(np.isfinite(y.numpy())), "non-finite training output"
+        y = layer(tf.constant(case.inputs(seed + 9), tf.float16), training=False)
+        assert y.dtype == tf.float16, f"inference output dtype {y.dtype}"
+        assert np.all(np.isfinite(y.numpy())), "non-finite inference output"
+        for variable in layer.weights:
+            if variable.dtype in ("float16", "float32", "bfloat16"):
+                assert variable.dtype == "float32", f"{variable.path} is {variable.dtype}"
+            assert np.all(np.isfinite(variable.numpy())), f"{variable.path} is not finite"
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _gradient_step(layer, x, dy, training):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
+    grads = tape.gradient(loss, [x] + list(layer.trainable_variables))
+    return y, grads[0], grads[1:]
+
+
+def check_distributed(case, strategy, seed=0, training=True):
+    """Under MirroredStrategy, equals one device on the concatenated global batch.
+
+    The global batch is split evenly over the replicas; the loss is `sum(y * dy)` with a fixed
+    random `dy`, so each replica's input gradient must equal the matching slice of the
+    one-device gradient, and the replicas' weight gradients must sum to the one-device ones.
+    """
+    single = build_randomized(case, seed)
+    with strategy.scope():
+        distributed = case.factory()
+        distributed.build(case.input_shape)
+        distributed.set_weights(single.get_weights())
+    replicas = strategy.num_replicas_in_sync
+    assert case.input_shape[0] % replicas == 0, "global batch must split evenly"
+
+    @tf.function
+    def replica_step(x, dy):
+        return _gradient_step(distributed, x, dy, training)
+
+    for step in range(case.steps):
+        x = case.inputs(seed + step)
+        dy = np.random.default_rng(seed + 50 + step).normal(size=x.shape).astype("float32")
+        y, dx, dw = _gradient_step(single, tf.constant(x), tf.constant(dy), training)
+
+        xs, dys = np.split(x, replicas), np.split(dy, replicas)
+        per_x = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(xs[ctx.replica_id_in_sync_group]))
+        per_dy = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(dys[ctx.replica_id_in_sync_group]))
+        ry, rdx, rdw = strategy.run(replica_step, args=(per_x, per_dy))
+        local = strategy.experimental_local_results
+        assert_close(np.concatenate(local(ry)), y, case, f"distributed output, step {step}")
+        assert_close(np.concatenate(local(rdx)), dx, case, f"distributed input grad, step {step}")
+        for single_grad, replica_grads, variable in zip(dw, rdw, single.trainable_variables):
+            total = np.sum([np.asarray(g) for g in local(replica_grads)], axis=0)
+            assert_close(total, single_grad, case, f"distributed grad of {variable.path}")
+        assert_state_equal(distributed, weights_by_name(single), case,
+                           f"distributed state, step {step}")
+        for variable in distributed.weights:
+            copies = [np.asarray(v) for v in local(variable.value)]
+            for copy in copies[1:]:
+                np.testing.assert_allclose(copy, copies[0], atol=case.atol,
+                                           err_msg=f"replicas disagree on {variable.path}")

@@ -1,0 +1,1 @@
+"""Independent NumPy references of each layer's equations (one module per layer family)."""

@@ -1,0 +1,120 @@
+"""NumPy reference of batch normalization (plain, masked, ghost batches, renorm)."""
+
+import numpy as np
+
+
+class BatchNormReference:
+    """Ioffe & Szegedy's batch norm with the extensions of keras_norm.BatchNormalization.
+
+    Args mirror the layer's; `weights` holds the layer's initial weights by name.
+    """
+
+    def __init__(self, weights, axis=-1, momentum=0.99, epsilon=1e-3, virtual_batch_size=None,
+                 renorm=False, renorm_clipping=None, renorm_momentum=0.99,
+                 inference_statistics="moving"):
+        self.w = {k: np.array(v, dtype=np.float64) for k, v in weights.items()}
+        self.axis, self.momentum, self.eps = axis, momentum, epsilon
+        self.v, self.renorm = virtual_batch_size, renorm
+        self.clip = renorm_clipping or {}
+        self.renorm_momentum = renorm_momentum
+        self.inference_statistics = inference_statistics
+
+    # shapes ---------------------------------------------------------------------------
+    def _channels_last(self, x):
+        return np.moveaxis(np.asarray(x, np.float64), self.axis, -1)
+
+    def _restore(self, y, like):
+        return np.moveaxis(y, -1, self.axis).astype(np.float32)
+
+    def _gamma_beta(self, c):
+        return self.w.get("gamma", np.ones(c)), self.w.get("beta", np.zeros(c))
+
+    @staticmethod
+    def _stats(x, mask):
+        """Per-channel mean and biased variance of a channels-last array over other axes."""
+        flat = x.reshape(-1, x.shape[-1])
+        if mask is None:
+            return flat.mean(0), flat.var(0), flat.shape[0]
+        m = np.broadcast_to(mask.reshape(mask.shape + (1,)), x.shape).reshape(flat.shape)
+        n = m.sum(0)
+        mean = (flat * m).sum(0) / np.maximum(n, 1)
+        var = (((flat - mean) ** 2) * m).sum(0) / np.maximum(n, 1)
+        return mean, var, n[0]
+
+    # modes ----------------------------------------------------------------------------
+    def _groups(self, batch):
+        if self.v is None:
+            return [slice(0, batch)]
+        return [slice(s, min(s + self.v, batch)) for s in range(0, batch, self.v)]
+
+    def _normalize_batch(self, x, mask, update):
+        xl = self._channels_last(x)
+        gamma, beta = self._gamma_beta(xl.shape[-1])
+        y = np.empty_like(xl)
+        means, variances, counts = [], [], []
+        for g in self._groups(xl.shape[0]):
+            gm = None if mask is None else np.asarray(mask)[g]
+            mean, var, n = self._stats(xl[g], gm)
+            xhat = (xl[g] - mean) / np.sqrt(var + self.eps)
+            if self.renorm and update:
+                sigma = np.maximum(self.w["renorm_stddev"], np.sqrt(self.eps))
+                r = np.sqrt(var + self.eps) / sigma
+                d = (mean - self.w["renorm_mean"]) / sigma
+                r = np.clip(r, self.clip.get("rmin", -np.inf), self.clip.get("rmax", np.inf))
+                dmax = self.clip.get("dmax", np.inf)
+                d = np.clip(d, -dmax, dmax)
+                xhat = xhat * r + d
+            y[g] = gamma * xhat + beta
+            means.append(mean), variances.append(var), counts.append(n)
+        if update:
+            counts = np.asarray(counts, np.float64)[:, None]
+            mean = (counts * np.asarray(means)).sum(0) / counts.sum()
+            var = (counts * np.asarray(variances)).sum(0) / counts.sum()
+            self._update(mean, var)
+        return self._restore(y, x)
+
+    def _update(self, mean, var):
+        mo = self.momentum
+        if not self.renorm:
+            self.w["moving_mean"] = mo * self.w["moving_mean"] + (1 - mo) * mean
+            self.w["moving_variance"] = mo * self.w["moving_variance"] + (1 - mo) * var
+            return
+        std, rmo = np.sqrt(var + self.eps), self.renorm_momentum
+        self.w["renorm_mean"] = rmo * self.w["renorm_mean"] + (1 - rmo) * mean
+        self.w["renorm_stddev"] = rmo * self.w["renorm_stddev"] + (1 - rmo) * std
+        self.w["moving_mean"] = mo * self.w["moving_mean"] + (1 - mo) * mean
+        self.w["moving_stddev"] = mo * self.w["moving_stddev"] + (1 - mo) * std
+        self.w["moving_variance"] = np.maximum(self.w["moving_stddev"] ** 2 - self.eps, 0)
+
+    def train(self, x, mask=None):
+        return self._normalize_batch(x, mask, update=True)
+
+    def infer(self, x, mask=None):
+        if self.inference_statistics == "batch":
+            return self._normalize_batch(x, mask, update=False)
+        xl = self._channels_last(x)
+        gamma, beta = self._gamma_beta(xl.shape[-1])
+        y = gamma * (xl - self.w["moving_mean"]) / np.sqrt(self.w["moving_variance"] + self.eps)
+        return self._restore(y + beta, x)
+
+    def input_gradient(self, x, dy):
+        """Gradient of sum(y * dy) w.r.t. x for plain/ghost BN in training mode (closed form)."""
+        xl, dyl = self._channels_last(x), self._channels_last(dy)
+        gamma, _ = self._gamma_beta(xl.shape[-1])
+        dx = np.empty_like(xl)
+        for g in self._groups(xl.shape[0]):
+            xg, dg = xl[g].reshape(-1, xl.shape[-1]), dyl[g].reshape(-1, xl.shape[-1]) * gamma
+            mean, var = xg.mean(0), xg.var(0)
+            if self.renorm:  # r is a constant (stop_gradient) scale on x_hat
+                sigma = np.maximum(self.w["renorm_stddev"], np.sqrt(self.eps))
+                r = np.clip(np.sqrt(var + self.eps) / sigma, self.clip.get("rmin", -np.inf),
+                            self.clip.get("rmax", np.inf))
+                dg = dg * r
+            inv = 1 / np.sqrt(var + self.eps)
+            xhat = (xg - mean) * inv
+            d = inv * (dg - dg.mean(0) - xhat * (dg * xhat).mean(0))
+            dx[g] = d.reshape(xl[g].shape)
+        return self._restore(dx, x)
+
+    def state(self):
+        return {k: v for k, v in self.w.items() if k not in ("gamma", "beta")}
