@@ -210,6 +210,9 @@ class BatchDependentMixin:
 
     #: Marks layers that `batch_statistics` and `recompute_statistics` act on.
     batch_dependent = True
+    #: Names of population statistics that are biased variances of batch values, which
+    #: `recompute_statistics(unbiased=True)` scales by m / (m - 1).
+    variance_statistics = ()
 
     def _init_inference_statistics(self, inference_statistics):
         self.inference_statistics = check_choice(

@@ -129,6 +129,9 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         - [Hoffer et al., 2017, Train longer, generalize better](https://arxiv.org/abs/1705.08741)
     """
 
+    #: Statistics that are biased variances (`recompute_statistics(unbiased=True)` corrects them).
+    variance_statistics = ("moving_variance",)
+
     def __init__(
         self,
         axis=-1,

@@ -1,0 +1,268 @@
+"""Population statistics tools: batch-statistics inference and exact recomputation.
+
+- `batch_statistics(model)`: a context manager inside which every batch-dependent layer
+  (keras_norm's and Keras's own `BatchNormalization`) normalizes at inference with the current
+  batch's statistics, without touching its moving statistics.
+- `recompute_statistics(model, dataset)`: "precise BN" (fvcore `update_bn_stats`): after
+  training, run data through the frozen model and set every population statistic to the
+  equal-weight average over the batches instead of an exponential moving average
+  (ALGORITHMS.md section 1; Keras has no such tool, keras issue #10533).
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from keras_norm import stats
+
+
+# ------------------------------------------------------------------------------ discovery
+def _all_layers(model):
+    """Every layer of a model, nested models and layers included, each once."""
+    seen, ordered = set(), []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            ordered.append(layer)
+    return ordered
+
+
+def _is_keras_batch_norm(layer):
+    return (isinstance(layer, keras.layers.BatchNormalization)
+            and not getattr(layer, "batch_dependent", False))
+
+
+def batch_dependent_layers(model):
+    """The layers of `model` whose training output depends on the batch, in model order."""
+    return [layer for layer in _all_layers(model)
+            if getattr(layer, "batch_dependent", False) or _is_keras_batch_norm(layer)]
+
+
+def _reset_compiled_functions(model):
+    """Keras caches traced train/test/predict functions; they must see the new behaviour."""
+    for attribute in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, attribute):
+            setattr(model, attribute, None)
+
+
+# ----------------------------------------------------------------------- batch statistics
+def _keras_batch_norm_with_batch_statistics(layer):
+    """A `call` for Keras's BatchNormalization that normalizes with batch statistics only."""
+
+    def call(inputs, training=None, mask=None):
+        x = tf.cast(inputs, stats.statistics_dtype(inputs.dtype))
+        axis = layer.axis % len(x.shape)
+        reduction_axes = [a for a in range(len(x.shape)) if a != axis]
+        if mask is not None:
+            mask = tf.expand_dims(tf.cast(mask, x.dtype), axis)
+        moments = stats.batch_moments(x, reduction_axes, mask, layer.synchronized)
+        shape = [1] * len(x.shape)
+        shape[axis] = -1
+        gamma = None if layer.gamma is None else tf.reshape(tf.cast(layer.gamma, x.dtype), shape)
+        beta = None if layer.beta is None else tf.reshape(tf.cast(layer.beta, x.dtype), shape)
+        outputs = stats.normalize(x, moments.mean, moments.variance, layer.epsilon, gamma, beta)
+        return tf.cast(outputs, layer.compute_dtype)
+
+    return call
+
+
+@contextlib.contextmanager
+def batch_statistics(model):
+    """Normalizes every batch-dependent layer of `model` with the current batch's statistics.
+
+    Inside the context, `model.evaluate`, `model.predict` and `model(x)` (inference mode) use
+    each batch's own statistics in every keras_norm batch-dependent layer (their
+    `inference_statistics` is set to `"batch"`) and in Keras's own `BatchNormalization`
+    layers. Moving statistics and weights are never changed. On exit every layer is restored
+    and the model behaves exactly as before. Keras's cached compiled functions are reset on
+    entry and on exit so that both behaviours are traced afresh.
+
+    Transductive: each prediction depends on the other examples of its batch, so batch size
+    and composition matter (see `keras_norm.evaluation`).
+
+    Args:
+        model: A Keras model (or layer) containing normalization layers.
+
+    Yields:
+        The list of layers that were switched.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_norm
+    >>> model = keras.Sequential([keras.Input((3,)), keras_norm.BatchNormalization()])
+    >>> x = np.array([[1., 2., 3.], [3., 4., 5.]], "float32")
+    >>> with keras_norm.batch_statistics(model):
+    ...     y = model.predict(x, verbose=0)
+    >>> np.round(y[:, 0], 2).tolist()
+    [-1.0, 1.0]
+    """
+    layers = batch_dependent_layers(model)
+    previous = []
+    _reset_compiled_functions(model)
+    try:
+        for layer in layers:
+            if _is_keras_batch_norm(layer):
+                previous.append((layer, "call", layer.__dict__.get("call")))
+                layer.call = _keras_batch_norm_with_batch_statistics(layer)
+            else:
+                previous.append((layer, "inference_statistics", layer.inference_statistics))
+                layer.inference_statistics = "batch"
+        yield layers
+    finally:
+        for layer, attribute, value in reversed(previous):
+            if attribute == "call":
+                del layer.call
+                if value is not None:
+                    layer.call = value
+            else:
+                layer.inference_statistics = value
+        _reset_compiled_functions(model)
+
+
+# ------------------------------------------------------------------- recomputing statistics
+def _variance_statistics(layer):
+    """Names of the layer's statistics that are biased variances (for `unbiased=True`)."""
+    if _is_keras_batch_norm(layer):
+        return ("moving_variance",)
+    return tuple(getattr(layer, "variance_statistics", ()))
+
+
+def _values_per_statistic(layer, inputs):
+    """How many values each channel's batch statistic averages over (m of Algorithm 2)."""
+    shape = tf.shape(inputs)
+    channels = shape[layer.axis] if isinstance(getattr(layer, "axis", None), int) else 1
+    return tf.cast(tf.reduce_prod(shape), tf.float32) / tf.cast(channels, tf.float32)
+
+
+def _count_recorder(layer, counts):
+    """Wraps `layer.call` to record m for the layer's last batch in `counts[layer]`."""
+    original = layer.call
+
+    def call(inputs, *args, **kwargs):
+        counts[id(layer)].assign(_values_per_statistic(layer, inputs))
+        return original(inputs, *args, **kwargs)
+
+    return call
+
+
+def _split_features(batch):
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, dict) and "x" in batch:
+        return batch["x"]
+    return batch
+
+
+def recompute_statistics(model, dataset, steps=None, unbiased=False, verbose=1):
+    """Sets population statistics to their exact average over `dataset` ("precise BN").
+
+    The weights are frozen (no optimizer runs); the model is called in training mode so that
+    every batch-dependent layer computes its batch statistics, and each layer's population
+    statistics become the equal-weight average of the per-batch values (for batch norm: the
+    mean of the batch means and the mean of the batch variances, Algorithm 2 of Ioffe &
+    Szegedy). This is done by temporarily replacing each layer's `momentum` with
+    `(i - 1) / i` at batch `i`, which turns its moving average into a cumulative one, so every
+    layer averages exactly what its own moving statistics track: keras_norm's
+    BatchNormalization and `keras.layers.BatchNormalization` their mean and variance (the
+    moving stddev under renorm), EvoNormB0 its variance, MixtureNormalization its mixture
+    parameters, MovingAverageBatchNormalization its second moment.
+
+    Other layers that behave differently in training (e.g. Dropout) also run in training mode
+    during the pass, as in fvcore's `update_bn_stats`.
+
+    Args:
+        model: A built Keras model.
+        dataset: A batched `tf.data.Dataset` (or any iterable) of `(x, y)` tuples or of `x`.
+            Batches should be the size used in training.
+        steps: Number of batches to use; `None` uses the whole (finite) dataset.
+        unbiased: If `True`, multiply variance statistics by `m / (m - 1)` with `m` the number
+            of values each batch statistic averages over (Algorithm 2's unbiased estimate).
+            Defaults to `False` (the biased batch variance, as Keras's moving variance).
+        verbose: 1 shows a Keras progress bar, 0 is silent. Defaults to 1.
+
+    Returns:
+        The number of batches used.
+
+    Example:
+
+    >>> import numpy as np, tensorflow as tf, keras, keras_norm
+    >>> model = keras.Sequential([keras.Input((2,)), keras_norm.BatchNormalization()])
+    >>> x = np.array([[0., 1.], [2., 3.], [4., 5.], [6., 7.]], "float32")
+    >>> keras_norm.recompute_statistics(model, tf.data.Dataset.from_tensor_slices(x).batch(2),
+    ...                                 verbose=0)
+    2
+    >>> model.layers[0].moving_mean.numpy().tolist()
+    [3.0, 4.0]
+    """
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ValueError(f"recompute_statistics: `steps` must be a positive int or None. "
+                         f"Received: steps={steps!r}")
+    check_verbose = verbose in (0, 1, 2)
+    if not check_verbose:
+        raise ValueError(f"recompute_statistics: `verbose` must be 0, 1 or 2. "
+                         f"Received: verbose={verbose!r}")
+    layers = batch_dependent_layers(model)
+    if not layers:
+        raise ValueError(f"recompute_statistics: model {model.name!r} has no batch-dependent "
+                         "normalization layer whose statistics could be recomputed.")
+    strategy = tf.distribute.get_strategy()
+    if hasattr(model, "distribute_strategy") and model.distribute_strategy is not None:
+        strategy = model.distribute_strategy
+    with strategy.scope():
+        momentum = tf.Variable(0.0, trainable=False, name="recompute_momentum",
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        counts = {id(layer): tf.Variable(0.0, trainable=False,
+                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                  for layer in layers}
+    saved = [(layer, layer.momentum, layer.trainable, layer.__dict__.get("call"))
+             for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = momentum
+            layer.trainable = True  # frozen layers would run in inference mode
+            layer.call = _count_recorder(layer, counts)
+
+        @tf.function
+        def replica_step(x):
+            model(x, training=True)
+
+        def step(batch):
+            strategy.run(replica_step, args=(_split_features(batch),))
+
+        if isinstance(dataset, tf.data.Dataset) and strategy.num_replicas_in_sync > 1:
+            dataset = strategy.experimental_distribute_dataset(dataset)
+        progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
+        used = 0
+        for batch in dataset:
+            if steps is not None and used >= steps:
+                break
+            momentum.assign(used / (used + 1.0))
+            step(batch)
+            used += 1
+            progbar.update(used)
+        if used == 0:
+            raise ValueError("recompute_statistics: `dataset` yielded no batch.")
+        if unbiased:
+            _apply_bessel_correction(layers, counts)
+    finally:
+        for layer, layer_momentum, trainable, call in saved:
+            layer.momentum = layer_momentum
+            layer.trainable = trainable
+            del layer.call
+            if call is not None:
+                layer.call = call
+        _reset_compiled_functions(model)
+    return used
+
+
+def _apply_bessel_correction(layers, counts):
+    for layer in layers:
+        m = float(counts[id(layer)].numpy())
+        if m <= 1:
+            raise ValueError(f"recompute_statistics: unbiased=True needs more than one value "
+                             f"per channel in each batch; layer {layer.name!r} saw m={m:g}.")
+        by_name = {variable.path.split("/")[-1]: variable for variable in layer.weights}
+        for name in _variance_statistics(layer):
+            by_name[name].assign(by_name[name] * (m / (m - 1.0)))
