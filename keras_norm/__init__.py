@@ -12,12 +12,17 @@ _check_backend()
 
 from keras_norm import stats  # noqa: E402
 from keras_norm.layers import BatchNormalization  # noqa: E402
+from keras_norm.convert import convert  # noqa: E402
 from keras_norm.registry import available, get, register, spec  # noqa: E402
+from keras_norm.statistics import batch_statistics, recompute_statistics  # noqa: E402
 
 __all__ = [
     "BatchNormalization",
     "available",
+    "batch_statistics",
+    "convert",
     "get",
+    "recompute_statistics",
     "register",
     "spec",
     "stats",
