@@ -196,3 +196,67 @@ def assign_moving_average(variable, value, momentum, update=None):
     if update is not None:
         new = tf.where(update, new, old)
     variable.assign(new)
+
+
+# ------------------------------------------------------------ per-example and grouped statistics
+def mean_square(x, axes, mask=None):
+    """`mean(x^2)` over `axes` (kept as size 1): the second moment about zero.
+
+    What RMS norm and filter response norm divide by. With a mask, values where it is 0/False
+    are ignored; a set of values with no valid one gives 0, not NaN.
+    """
+    axes = list(axes)
+    if mask is None:
+        return tf.reduce_mean(tf.square(x), axes, keepdims=True)
+    weights = tf.cast(mask, x.dtype)
+    count = tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), axes, keepdims=True)
+    total = tf.reduce_sum(tf.square(x) * weights, axes, keepdims=True)
+    return tf.math.divide_no_nan(total, count)
+
+
+def fallback_mask(mask, axes):
+    """A float 0/1 `mask` in which each set of values reduced over `axes` with no valid value
+    becomes fully valid.
+
+    Per-example normalizations (layer, group, instance, RMS) take statistics over each
+    example's own values. Where a mask leaves such a set empty (an all-padding sequence), a
+    0 mean and variance would only scale it by `1 / sqrt(epsilon)`; falling back to all of its
+    values normalizes it as if it were unmasked. `mask` has the rank of the tensor the
+    statistics are taken of (size-1 axes allowed); the result has the shape of `mask`.
+    """
+    mask = tf.convert_to_tensor(mask)
+    any_valid = tf.reduce_max(mask, list(axes), keepdims=True)
+    return tf.maximum(mask, 1.0 - any_valid)
+
+
+def split_channels(x, axis, groups):
+    """Reshapes the channel axis `axis` (non-negative, static size C) into `(groups, C/groups)`.
+
+    The group index comes first, so group `g` holds channels `g*C/groups ... (g+1)*C/groups-1`
+    (contiguous channels, as in Wu & He's reference code). Unknown dimensions stay dynamic.
+    """
+    dynamic = tf.shape(x)
+    shape = [size if size is not None else dynamic[i] for i, size in enumerate(x.shape)]
+    channels = shape[axis]
+    return tf.reshape(x, shape[:axis] + [groups, channels // groups] + shape[axis + 1:])
+
+
+def group_moments(x, axis, groups, mask=None):
+    """Per-example moments of each group of channels (group norm's statistics).
+
+    Args:
+        x: Tensor `(B, ..., C, ...)` with the channels on the non-negative axis `axis`.
+        axis: The channel axis (not 0: axis 0 is the examples).
+        groups: Python int dividing `C`.
+        mask: Optional mask of the rank of `x`, size 1 on the channel axis; values where it is
+            0 are ignored.
+
+    Returns:
+        `(grouped, moments)`: `grouped` is `split_channels(x, axis, groups)`; `moments` reduce
+        every axis of `grouped` except the examples (0) and the groups (`axis`), so they
+        broadcast against `grouped`.
+    """
+    grouped = split_channels(x, axis, groups)
+    axes = [a for a in range(1, len(grouped.shape)) if a != axis]
+    weights = None if mask is None else tf.expand_dims(mask, axis)
+    return grouped, moments(grouped, axes, weights)

@@ -1,0 +1,468 @@
+"""Layer, group and instance normalization: per-example statistics over different axes.
+
+All three normalize each example with the mean and variance of some of its own values; they
+differ only in which values share statistics:
+
+- `LayerNormalization` (Ba et al. 2016): all the values along `axis` (the features);
+- `GroupNormalization` (Wu & He 2018): the spatial axes and the channels of one group;
+- `InstanceNormalization` (Ulyanov et al. 2016): the spatial axes of one channel, i.e. group
+  normalization with one group per channel.
+
+None of them depends on the rest of the batch, so training and inference are the same function
+and there are no moving statistics. Statistics are two-pass moments in float32
+(`stats.moments`, `stats.group_moments`) whatever the input dtype.
+
+Masks. Keras's `LayerNormalization` and `GroupNormalization` pass a mask on but never use it, so
+padding enters group norm's statistics. Here a mask (Keras's `(batch, time)` convention, or the
+input's shape without the channel axis) removes the masked values from the statistics wherever
+it covers an axis the statistics reduce over; the mask is passed on unchanged. With
+`LayerNormalization(axis=-1)` the statistics of one position never mix positions, so a
+`(batch, time)` mask changes nothing and outputs equal Keras's.
+"""
+
+import numbers
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_norm import stats
+from keras_norm.layers import base
+
+
+# ------------------------------------------------------------------------------------ masks
+def mask_for_statistics(owner, mask, x, channel_axis, reduction_axes):
+    """The float mask statistics over `reduction_axes` should use, or `None` if it cannot matter.
+
+    Args:
+        owner: Layer description for error messages.
+        mask: `None` or a boolean/0-1 tensor, either of the input's shape without
+            `channel_axis`, or a prefix of the input's shape that stops before `channel_axis`
+            (Keras's `(batch, time)` masks).
+        x: The input tensor.
+        channel_axis: Non-negative axis the mask does not cover.
+        reduction_axes: Non-negative axes of `x` the statistics reduce over.
+
+    Returns:
+        A float mask of the rank of `x` (size 1 where it does not vary) in which every fully
+        masked set of values counts all its values (`stats.fallback_mask`), or `None` when the
+        mask covers none of `reduction_axes` (then it cannot change the statistics).
+    """
+    if mask is None:
+        return None
+    ndim, rank = len(x.shape), len(mask.shape)
+    mask = tf.cast(mask, x.dtype)
+    if rank == ndim - 1:
+        covered = [a for a in range(ndim) if a != channel_axis]
+        mask = tf.expand_dims(mask, channel_axis)
+    elif rank < ndim - 1 and rank <= channel_axis:
+        covered = list(range(rank))
+        mask = tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([ndim - rank], tf.int32)], 0))
+    else:
+        raise ValueError(
+            f"{owner}: the mask must have the input's shape without the channel axis "
+            f"{channel_axis}, or be a prefix of the input's shape that stops before that axis. "
+            f"Received: mask.shape={tuple(mask.shape)}, inputs.shape={tuple(x.shape)}"
+        )
+    if not set(covered) & set(reduction_axes):
+        return None
+    return stats.fallback_mask(mask, reduction_axes)
+
+
+# ------------------------------------------------------------------------------ feature axes
+class FeatureAxesMixin:
+    """Keras's `axis` argument of `LayerNormalization`/`RMSNormalization`, without its defects.
+
+    `axis` is an int or a list of ints; the weights span the normalized axes (sizes in sorted
+    order, as Keras). Keras rewrites `self.axis` in `build`; here it stays what the user gave
+    (a tuple is kept as a list, its JSON form) and the canonical axes are derived per call, so a
+    layer built with a negative axis also accepts inputs of another rank, as Keras's does.
+    """
+
+    def _init_feature_axes(self, axis):
+        checked = base.check_axis_argument(self.__class__.__name__, axis)
+        self._axis_argument = checked
+        self.axis = list(checked) if isinstance(checked, tuple) else checked
+
+    @property
+    def _owner(self):
+        return f"{self.__class__.__name__} layer {self.name!r}"
+
+    def _build_feature_axes(self, input_shape):
+        """Validates the axes against `input_shape`; returns the weights' shape."""
+        axes = base.canonical_axes(self._owner, self._axis_argument, input_shape)
+        sizes = tuple(input_shape[a] for a in axes)
+        if None in sizes:
+            raise ValueError(
+                f"{self._owner}: the normalized axes {axes} of the input must have known sizes. "
+                f"Received: input_shape={tuple(input_shape)}, axis={self.axis!r}"
+            )
+        self._feature_sizes = sizes
+        spelled = self._axis_argument if isinstance(self._axis_argument, tuple) else (
+            self._axis_argument,)
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=max(a + 1 if a >= 0 else -a for a in spelled),
+            axes={a: input_shape[a] for a in spelled},
+        )
+        return sizes
+
+    def _feature_axes(self, x):
+        """`(axes, param_shape)` for this input: sorted non-negative axes, broadcast shape."""
+        axes = base.canonical_axes(self._owner, self._axis_argument, x.shape)
+        shape = [1] * len(x.shape)
+        for a, size in zip(axes, self._feature_sizes):
+            shape[a] = size
+        return axes, shape
+
+    def _statistics_mask(self, mask, x, axes):
+        return mask_for_statistics(self._owner, mask, x, axes[-1], axes)
+
+    def compute_output_shape(self, input_shape):
+        base.canonical_axes(self._owner, self._axis_argument, input_shape)
+        return tuple(input_shape)
+
+
+# ------------------------------------------------------------------------------------ layers
+@keras.saving.register_keras_serializable(package="keras_norm")
+class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
+    """Layer normalization: each example normalized over its feature axes.
+
+    A drop-in replacement for `keras.layers.LayerNormalization` (Keras 3): the same arguments,
+    defaults, weights (`gamma`, `beta`: names, order, shapes) and outputs. Unlike Keras's, its
+    `get_config()` is not rewritten by `build` (Keras turns `axis=-1` into `[-1]`), its
+    statistics are the exact two-pass ones in float32, and a mask that covers a normalized axis
+    removes the masked values from the statistics (see the module docstring).
+
+    ```
+    mean_i, var_i = mean and variance of example i over `axis`
+    y_i = gamma * (x_i - mean_i) / sqrt(var_i + epsilon) + beta
+    ```
+
+    `gamma` and `beta` span the normalized axes: with `axis=[1, 2, 3]` on `(B, H, W, C)` inputs
+    they have shape `(H, W, C)` (unlike group normalization with one group, whose parameters
+    are per channel).
+
+    Example:
+
+    >>> import numpy as np, keras_norm
+    >>> layer = keras_norm.LayerNormalization()
+    >>> y = layer(np.array([[1.0, 2.0, 3.0, 6.0]], "float32"))
+    >>> np.round(y.numpy(), 3)
+    array([[-1.069, -0.534,  0.   ,  1.603]], dtype=float32)
+    >>> layer = keras_norm.LayerNormalization(axis=[1, 2])
+    >>> layer.build((None, 5, 3))
+    >>> tuple(layer.gamma.shape)
+    (5, 3)
+
+    Args:
+        axis: Integer or list of integers: the axes to normalize over (typically the
+            features). Defaults to `-1`.
+        epsilon: Positive float added to the variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        rms_scaling: Deprecated, as in Keras, and kept so that Keras configs load: if `True`,
+            `y = gamma * x / sqrt(var + epsilon)` (no centering, no `beta`; `gamma` is created
+            even with `scale=False`). This divides by the standard deviation, not the root
+            mean square: use `RMSNormalization` for RMS norm. Defaults to `False`.
+        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+
+    Call arguments:
+        inputs: Input tensor with the axes `axis` names (any rank >= 1 for `axis=-1`).
+        mask: Optional boolean mask: the input's shape without the last normalized axis, or a
+            prefix of the input's shape (Keras's `(batch, time)` masks). It is passed on; it
+            changes the statistics only where it covers a normalized axis.
+
+    Reference:
+        - [Ba et al., 2016](https://arxiv.org/abs/1607.06450)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        rms_scaling=False,
+        **kwargs,
+    ):
+        super().__init__(
+            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint, **kwargs,
+        )
+        self._init_feature_axes(axis)
+        self.rms_scaling = base.check_bool(self.__class__.__name__, "rms_scaling", rms_scaling)
+        if self.rms_scaling:
+            warnings.warn(
+                f"{self.__class__.__name__}: `rms_scaling=True` is deprecated (as in Keras): it "
+                "divides by the standard deviation, not the root mean square. Use "
+                "keras_norm.RMSNormalization for RMS normalization. Received: rms_scaling=True",
+                stacklevel=2,
+            )
+        # Keep float32 inputs float32 under mixed precision (Keras does the same).
+        self.autocast = False
+
+    def build(self, input_shape):
+        shape = self._build_feature_axes(input_shape)
+        if not self.rms_scaling:
+            self._build_affine(shape)
+            return
+        # Keras's deprecated path: gamma always, never beta (so Keras weights load).
+        self.gamma = self.add_weight(
+            shape=shape, name="gamma", initializer=self.gamma_initializer,
+            regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+            trainable=True, autocast=False,
+        )
+
+    def call(self, inputs, mask=None):
+        x = base.to_statistics_dtype(inputs)
+        axes, shape = self._feature_axes(x)
+        moments = stats.moments(x, axes, self._statistics_mask(mask, x, axes))
+        gamma, beta = self._affine_parameters(x.dtype, shape)
+        if self.rms_scaling:
+            outputs = x * tf.math.rsqrt(moments.variance + self.epsilon)
+            outputs = outputs if gamma is None else outputs * gamma
+        else:
+            outputs = stats.normalize(x, moments.mean, moments.variance, self.epsilon, gamma,
+                                      beta)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis, "rms_scaling": self.rms_scaling}
+
+
+def _check_groups(owner, groups):
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(
+            f"{owner}: argument `groups` must be an integer (a positive number of groups, or -1 "
+            f"for one group per channel). Received: groups={groups!r}"
+        )
+    if groups == 0 or groups < -1:
+        raise ValueError(
+            f"{owner}: argument `groups` must be a positive integer, or -1 for one group per "
+            f"channel (instance normalization). Received: groups={groups!r}"
+        )
+    return int(groups)
+
+
+@keras.saving.register_keras_serializable(package="keras_norm")
+class GroupNormalization(base.AffineNormalization):
+    """Group normalization: each example normalized per group of channels.
+
+    The channels are split into `groups` groups of consecutive channels; each example is
+    normalized with the mean and variance of each group over the spatial axes and the group's
+    channels, then scaled and shifted per channel. It does not depend on the batch, so it works
+    at any batch size (Wu & He report 10.6% lower ImageNet error than batch norm at batch 2).
+    `groups=1` normalizes each example over all its values; `groups=-1` uses one group per
+    channel (instance normalization, see `InstanceNormalization`).
+
+    A drop-in replacement for `keras.layers.GroupNormalization` (Keras 3): the same arguments,
+    defaults, weights (`gamma`, `beta`, per channel) and outputs. Unlike Keras's, `get_config()`
+    keeps `groups=-1` (Keras rewrites it to the channel count in `build`), `groups=True` is
+    rejected, statistics are two-pass in float32, any channel axis and rank >= 2 work, and a
+    mask removes padding from the statistics (see the module docstring).
+
+    ```
+    x: (B, ..., C) viewed as (B, ..., G, C / G)
+    mean_bg, var_bg = moments of example b, group g over the spatial axes and C / G channels
+    y = gamma_c * (x - mean_bg) / sqrt(var_bg + epsilon) + beta_c
+    ```
+
+    Example:
+
+    >>> import numpy as np, keras, keras_norm
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 3)),
+    ...     keras.layers.Conv2D(16, 3, padding="same"),
+    ...     keras_norm.GroupNormalization(groups=4),
+    ...     keras.layers.ReLU(),
+    ... ])
+    >>> model(np.zeros((2, 8, 8, 3), "float32")).shape
+    TensorShape([2, 8, 8, 16])
+
+    Args:
+        groups: Number of groups, which must divide the number of channels; `-1` means one
+            group per channel. Defaults to `32`.
+        axis: Integer, the channel axis (`1` for channels-first inputs). Defaults to `-1`.
+        epsilon: Positive float added to the variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of rank >= 2 (batch, then channels among the other axes).
+        mask: Optional boolean mask: the input's shape without the channel axis, or a prefix
+            of the input's shape that stops before the channel axis (Keras's `(batch, time)`).
+            Masked values do not enter the statistics (they are still normalized); an example
+            with no valid value uses all its values. It is passed on unchanged.
+
+    Reference:
+        - [Wu & He, 2018](https://arxiv.org/abs/1803.08494)
+    """
+
+    def __init__(
+        self,
+        groups=32,
+        axis=-1,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(
+            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint, **kwargs,
+        )
+        owner = self.__class__.__name__
+        self.groups = _check_groups(owner, groups)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(
+                f"{owner}: argument `axis` must be an integer (the channel axis). "
+                f"Received: axis={axis!r}"
+            )
+        self.axis = int(axis)
+        # Keep float32 inputs float32 under mixed precision (Keras does the same).
+        self.autocast = False
+
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
+        if self._axis == 0:
+            raise ValueError(
+                f"{self._owner}: the channel axis cannot be axis 0, the batch axis: inputs need "
+                f"rank >= 2. Received: axis={self.axis}, input_shape={tuple(input_shape)}"
+            )
+        channels = input_shape[self._axis]
+        if channels is None:
+            raise ValueError(
+                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
+                f"size. Received: input_shape={tuple(input_shape)}"
+            )
+        groups = channels if self.groups == -1 else self.groups
+        if channels % groups:
+            raise ValueError(
+                f"{self._owner}: the number of channels ({channels}) must be divisible by "
+                f"groups ({groups}). Received: groups={self.groups}, "
+                f"input_shape={tuple(input_shape)}"
+            )
+        self._groups = groups
+        self._build_affine((channels,))
+        self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self._axis: channels})
+        self._group_param_shape = ([1] * self._axis + [groups, channels // groups]
+                                   + [1] * (ndim - self._axis - 1))
+        self._reduction_axes = [a for a in range(1, ndim) if a != self._axis]
+
+    def call(self, inputs, mask=None):
+        x = base.to_statistics_dtype(inputs)
+        mask = mask_for_statistics(self._owner, mask, x, self._axis, self._reduction_axes)
+        grouped, moments = stats.group_moments(x, self._axis, self._groups, mask)
+        gamma, beta = self._affine_parameters(x.dtype, self._group_param_shape)
+        outputs = stats.normalize(grouped, moments.mean, moments.variance, self.epsilon, gamma,
+                                  beta)
+        return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "axis": self.axis}
+
+
+@keras.saving.register_keras_serializable(package="keras_norm")
+class InstanceNormalization(GroupNormalization):
+    """Instance normalization: each example normalized per channel over its spatial axes.
+
+    Group normalization with one group per channel (`GroupNormalization(groups=-1)`), with the
+    same weights (`gamma`, `beta`, per channel); its config has no `groups`. The default
+    `epsilon=1e-3` follows Keras's normalization layers and TensorFlow Addons'
+    `InstanceNormalization` (PyTorch uses `1e-5`).
+
+    ```
+    mean_bc, var_bc = moments of example b, channel c over the spatial axes
+    y = gamma_c * (x - mean_bc) / sqrt(var_bc + epsilon) + beta_c
+    ```
+
+    Example:
+
+    >>> import numpy as np, keras_norm
+    >>> x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype("float32")
+    >>> y = keras_norm.InstanceNormalization(epsilon=1e-6)(x).numpy()
+    >>> bool(np.allclose(y.mean(axis=(1, 2)), 0, atol=1e-5))
+    True
+
+    Args:
+        axis: Integer, the channel axis (`1` for channels-first inputs). Defaults to `-1`.
+        epsilon: Positive float added to the variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of rank >= 3 to have spatial axes (rank 2 gives zeros + `beta`).
+        mask: As for `GroupNormalization`.
+
+    Reference:
+        - [Ulyanov et al., 2016](https://arxiv.org/abs/1607.08022)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        **kwargs,
+    ):
+        if "groups" in kwargs:
+            raise TypeError(
+                f"{self.__class__.__name__}: argument `groups` is not accepted: instance "
+                "normalization uses one group per channel. Use GroupNormalization(groups=...) "
+                f"for other groupings. Received: groups={kwargs['groups']!r}"
+            )
+        super().__init__(
+            groups=-1, axis=axis, epsilon=epsilon, center=center, scale=scale,
+            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint, **kwargs,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        del config["groups"]
+        return config
