@@ -55,7 +55,9 @@ def moments(x, axes, mask=None):
     """
     axes = list(axes)
     if mask is None:
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+        # An explicit int32 index: `tf.gather(..., [])` would see a float index.
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), tf.constant(axes, tf.int32))),
+                        x.dtype)
         count = tf.reshape(count, [1] * len(x.shape))
         # Not reduce_mean: an empty replica (count 0) must give 0, not NaN.
         mean = tf.math.divide_no_nan(tf.reduce_sum(x, axes, keepdims=True), count)

@@ -1,0 +1,232 @@
+"""Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan, 2019).
+
+Also home of `ChannelwiseNormalization`, the base that FRN and EvoNorm share: per-channel
+parameters on a channel `axis`, statistics over the "spatial" axes (every axis but the batch and
+channel axes), and the creation of extra per-channel weights (`tau`, `v`).
+"""
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from keras_norm import stats
+from keras_norm.layers import base
+
+
+def check_channel_axis(owner, axis):
+    """The channel axis must be a single int (not a bool, not a list)."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(
+            f"{owner}: argument `axis` must be an integer (the channel axis). "
+            f"Received: axis={axis!r}"
+        )
+    return axis
+
+
+class ChannelwiseNormalization(base.AffineNormalization):
+    """Base of normalizations with per-channel parameters over `[batch, spatial..., channel]`.
+
+    `build` resolves the channel axis (`self._axis`), the spatial axes (`self._spatial_axes`:
+    all axes but 0 and the channel axis; none for a rank-2 input), the broadcast shape of
+    per-channel parameters (`self._param_shape`) and creates `gamma`/`beta`. Subclasses create
+    further per-channel weights with `_add_channel_weight` in `_build_extra`.
+    """
+
+    def __init__(self, axis, epsilon, **kwargs):
+        super().__init__(epsilon=epsilon, **kwargs)
+        self.axis = check_channel_axis(self.__class__.__name__, axis)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"{self._owner}: expected an input of rank >= 2 (batch, ..., channels). "
+                f"Received: input_shape={input_shape}"
+            )
+        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
+        if self._axis == 0:
+            raise ValueError(
+                f"{self._owner}: axis 0 is the batch axis and cannot be the channel axis. "
+                f"Received: axis={self.axis}"
+            )
+        channels = input_shape[self._axis]
+        if channels is None:
+            raise ValueError(
+                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
+                f"size. Received: input_shape={input_shape}"
+            )
+        ndim = len(input_shape)
+        self._channels = channels
+        self._spatial_axes = [a for a in range(1, ndim) if a != self._axis]
+        self._param_shape = base.broadcast_shape(ndim, [self._axis], input_shape)
+        self._validate_channels(channels)
+        self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self._axis: channels})
+        self._build_affine((channels,))
+        self._build_extra()
+
+    def _validate_channels(self, channels):
+        """Hook for shape-dependent checks (e.g. groups dividing the channels)."""
+
+    def _build_extra(self):
+        """Hook creating the subclass's own weights, after `gamma` and `beta`."""
+
+    def _add_channel_weight(self, name, initializer, regularizer=None, constraint=None):
+        """A trainable float32 per-channel weight of shape `(channels,)`."""
+        return self.add_weight(
+            shape=(self._channels,), name=name, initializer=initializer,
+            regularizer=regularizer, constraint=constraint, trainable=True, autocast=False,
+        )
+
+    def _channel_parameter(self, weight, dtype):
+        """A per-channel weight cast to `dtype` and shaped to broadcast with the input."""
+        return tf.reshape(tf.cast(weight, dtype), self._param_shape)
+
+    def _apply_affine(self, x):
+        gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
+        if gamma is not None:
+            x = x * gamma
+        if beta is not None:
+            x = x + beta
+        return x
+
+
+@keras.saving.register_keras_serializable(package="keras_norm")
+class FilterResponseNormalization(ChannelwiseNormalization):
+    """Filter Response Normalization followed by a Thresholded Linear Unit (FRN + TLU).
+
+    Normalizes each example and channel by the mean square of its spatial responses (no mean
+    subtraction, no batch dependence), applies a learned affine transform and then the TLU,
+    a ReLU with a learned per-channel threshold `tau`. FRN + TLU replaces a normalization
+    *and* its activation; it behaves identically in training and inference.
+
+    ```
+    nu2 = mean(x ** 2) over the spatial axes (per example and channel)
+    y = gamma * x / sqrt(nu2 + eps) + beta
+    z = max(y, tau)
+    eps = epsilon                           (learned_epsilon=False)
+    eps = epsilon + |learned_epsilon|       (learned_epsilon=True)
+    ```
+
+    The spatial axes are every axis but the batch axis (0) and the channel `axis`. For a
+    rank-2 input `(batch, channels)` there are none, so `nu2 = x ** 2`: the paper's "1x1
+    activation map" case, where it recommends `learned_epsilon=True`.
+
+    Unlike TensorFlow Addons' `FilterResponseNormalization`, whose `axis` lists the *spatial*
+    axes (default `[1, 2]`), `axis` here is the *channel* axis as in every Keras normalization
+    (`axis=1` for channels-first). The other arguments and defaults follow TF Addons: the learned
+    epsilon is a weight of shape `(1,)` named `learned_epsilon`, initialized to `1e-4`, and the
+    effective epsilon is `epsilon + |learned_epsilon|` (the paper writes `|eps|`; the fixed
+    `epsilon` keeps it bounded away from 0).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_norm.layers.frn import FilterResponseNormalization
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 3)),
+    ...     keras.layers.Conv2D(4, 3),
+    ...     FilterResponseNormalization(),  # no activation after it: TLU is the activation
+    ... ])
+    >>> model(np.zeros((2, 8, 8, 3), "float32")).shape
+    TensorShape([2, 6, 6, 4])
+
+    Args:
+        epsilon: Positive float added to the mean square. Defaults to `1e-6`.
+        axis: Integer, the channel axis. Defaults to `-1`.
+        learned_epsilon: If `True`, add a learned `|learned_epsilon|` to `epsilon`.
+            Defaults to `False`.
+        use_tlu: If `True`, apply the thresholded linear unit `max(y, tau)` (weight `tau`);
+            `False` gives plain FRN (e.g. before a residual addition). Defaults to `True`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        tau_initializer: Initializer for `tau`. Defaults to `"zeros"` (TLU starts as ReLU).
+        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
+        tau_regularizer: Optional regularizer for `tau`. Defaults to `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        tau_constraint: Optional constraint for `tau`. Defaults to `None`.
+        learned_epsilon_constraint: Optional constraint for `learned_epsilon`.
+            Defaults to `None`.
+        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of rank >= 2, batch axis first. A Keras mask is passed on
+            unchanged; masked positions still enter the statistics.
+
+    Reference:
+        - [Singh & Krishnan, 2019, Filter Response Normalization Layer: Eliminating Batch
+          Dependence in the Training of Deep Neural Networks](https://arxiv.org/abs/1911.09737)
+    """
+
+    def __init__(
+        self,
+        epsilon=1e-6,
+        axis=-1,
+        learned_epsilon=False,
+        use_tlu=True,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        tau_initializer="zeros",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        tau_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        tau_constraint=None,
+        learned_epsilon_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(
+            axis=axis, epsilon=epsilon, center=center, scale=scale,
+            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint, **kwargs,
+        )
+        owner = self.__class__.__name__
+        self.learned_epsilon = base.check_bool(owner, "learned_epsilon", learned_epsilon)
+        self.use_tlu = base.check_bool(owner, "use_tlu", use_tlu)
+        self.tau_initializer = initializers.get(tau_initializer)
+        self.tau_regularizer = regularizers.get(tau_regularizer)
+        self.tau_constraint = constraints.get(tau_constraint)
+        self.learned_epsilon_constraint = constraints.get(learned_epsilon_constraint)
+        self.tau = None
+        self.eps_learned = None
+
+    def _build_extra(self):
+        if self.use_tlu:
+            self.tau = self._add_channel_weight("tau", self.tau_initializer,
+                                                self.tau_regularizer, self.tau_constraint)
+        if self.learned_epsilon:
+            self.eps_learned = self.add_weight(
+                shape=(1,), name="learned_epsilon", initializer=initializers.Constant(1e-4),
+                constraint=self.learned_epsilon_constraint, trainable=True, autocast=False,
+            )
+
+    def call(self, inputs):
+        x = base.to_statistics_dtype(inputs)
+        nu2 = stats.mean_square(x, self._spatial_axes)  # no spatial axes: x ** 2
+        epsilon = tf.constant(self.epsilon, x.dtype)
+        if self.eps_learned is not None:
+            epsilon = epsilon + tf.abs(tf.cast(self.eps_learned, x.dtype))
+        outputs = self._apply_affine(x * tf.math.rsqrt(nu2 + epsilon))
+        if self.tau is not None:
+            outputs = tf.maximum(outputs, self._channel_parameter(self.tau, x.dtype))
+        return tf.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "learned_epsilon": self.learned_epsilon,
+            "use_tlu": self.use_tlu,
+            "tau_initializer": initializers.serialize(self.tau_initializer),
+            "tau_regularizer": regularizers.serialize(self.tau_regularizer),
+            "tau_constraint": constraints.serialize(self.tau_constraint),
+            "learned_epsilon_constraint": constraints.serialize(
+                self.learned_epsilon_constraint),
+        }
+        return {**super().get_config(), **config}
