@@ -10,17 +10,18 @@ from keras_norm._backend import check_backend as _check_backend
 
 _check_backend()
 
-from keras_norm import stats  # noqa: E402
-from keras_norm.layers import BatchNormalization  # noqa: E402
+from keras_norm import data, stats  # noqa: E402
+from keras_norm.layers import *  # noqa: E402,F401,F403
+from keras_norm.layers import __all__ as _layer_names  # noqa: E402
 from keras_norm.convert import convert  # noqa: E402
 from keras_norm.registry import available, get, register, spec  # noqa: E402
 from keras_norm.statistics import batch_statistics, recompute_statistics  # noqa: E402
 
-__all__ = [
-    "BatchNormalization",
+__all__ = list(_layer_names) + [
     "available",
     "batch_statistics",
     "convert",
+    "data",
     "get",
     "recompute_statistics",
     "register",

@@ -16,11 +16,6 @@ POLICIES = ("drop", "oversample", "strict")
 # costs Python overhead per chunk, not per example.
 _MATERIALISE_CHUNK = 4096
 
-# Salts that turn one per-epoch seed into independent seeds for each random draw of a plan.
-_SEED_SALT_CLASS_ORDER = 1
-_SEED_SALT_TILE_ORDER = 2
-_SEED_SALT_BATCH_ORDER = 3
-
 
 def balanced_batches(
     dataset,
@@ -53,21 +48,25 @@ def balanced_batches(
       `count % examples_per_class` remainder of each class).
 
     Design: random access by materialising. Balanced batches need random access to the
-    examples, so the (finite) dataset is read once, at construction, into one in-memory tensor
-    per feature; batching is then a `tf.gather` of index rows. Per epoch, a plan of indices is
-    computed with vectorised, stateless TF ops from a per-epoch seed (drawn by
-    `tf.data.Dataset.random(..., rerandomize_each_iteration=True)`): shuffle the examples of
-    each class, cut each class into `(num_batches, examples_per_class)` slots, interleave the
-    classes and shuffle within each batch. This keeps the cost of an epoch to one sort of the
-    labels plus one gather per batch, instead of filtering the dataset once per class.
+    examples, which a general `tf.data.Dataset` does not offer, so the (finite) dataset is read
+    once, at construction, into one in-memory tensor per component; each batch is then one
+    `tf.gather` of a row of example indices, run by a parallel `map`. The indices of an epoch
+    (its plan) come from vectorised, stateless TF ops and one per-epoch seed (drawn by
+    `tf.data.Dataset.random(..., rerandomize_each_iteration=True)`): a full sort of the labels
+    with random tie-breaking shuffles every class at once, each class is cut into
+    `(num_batches, examples_per_class)` slots, the classes are interleaved into batches and
+    each batch is shuffled. An epoch thus costs one sort of `N` keys plus one gather per batch,
+    instead of filtering the dataset once per class.
 
-    Memory cost: the whole source dataset is held in host memory once (for CIFAR-10's 50,000
-    uint8 training images about 147 MiB), plus 8 bytes per example for the labels and for each
-    epoch's index plan. Tensors larger than 2 GB cannot be serialized into a dataset graph, which
-    some distributed set-ups do. So balance a light dataset (file paths, encoded bytes or uint8
-    arrays, with their labels) and decode and augment afterwards with
+    Memory cost: the whole source dataset is held in host memory once (CIFAR-10's 50,000 uint8
+    training images: about 147 MiB; twice that, briefly, while it is read), plus a few tens of
+    bytes per example for the sort keys and each epoch's plan. Like `from_tensor_slices` data,
+    these tensors are part of the dataset graph, which tf.data may copy (e.g. per device under
+    a distribution strategy) and which hits the 2 GB limit of serialized graphs where it is
+    serialized. So balance a light dataset (file paths, encoded bytes or uint8 arrays, with
+    their labels) and decode and augment afterwards with
     `.map(..., num_parallel_calls=tf.data.AUTOTUNE)` and `.prefetch(...)`, as in the example.
-    Every element must have the same shape (they are stacked); the source dataset is
+    Every element must have the same shape (they are stacked), and the source dataset is
     iterated eagerly once, so it must be finite.
 
     Distribution: with `strategy.experimental_distribute_dataset`, every global batch is
@@ -141,8 +140,7 @@ def balanced_batches(
     _validate_arguments(dataset, num_classes, examples_per_class, policy, seed, num_replicas)
     label_position = _label_position(dataset.element_spec)
     elements = _materialise(dataset)
-    class_ids = _class_ids(elements[label_position], dataset.element_spec[label_position],
-                           num_classes)
+    class_ids = _class_ids(elements[label_position], num_classes)
     class_counts = np.bincount(class_ids, minlength=num_classes)
     _check_class_counts(class_counts, examples_per_class, policy)
     num_batches = _num_batches(class_counts, examples_per_class, policy)
@@ -150,18 +148,25 @@ def balanced_batches(
     plan_epoch = _epoch_planner(
         class_ids, class_counts, examples_per_class, num_batches, num_replicas
     )
-    # One stateless seed pair per iteration: `rerandomize_each_iteration` draws a new pair each
-    # time the dataset is iterated (including each pass of `.repeat()`), reproducibly under
-    # `seed`, so every epoch gets a new plan without any Python-side state.
-    epoch_seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True)
-    epoch_seeds = epoch_seeds.batch(2, drop_remainder=True).take(1)
-    index_rows = epoch_seeds.flat_map(
-        lambda epoch_seed: tf.data.Dataset.from_tensor_slices(plan_epoch(epoch_seed))
+    return _gathered_batches(elements, plan_epoch, num_batches, seed)
+
+
+def _gathered_batches(elements, plan_epoch, num_batches, seed):
+    """One epoch per iteration: plan it from a fresh seed, then gather batch by batch."""
+    # `rerandomize_each_iteration` draws a new seed pair each time the dataset is iterated
+    # (including each pass of `.repeat()`), reproducibly under `seed`: every epoch gets a new
+    # plan without any Python-side state.
+    epoch_seed = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    epoch_seed = epoch_seed.batch(2, drop_remainder=True).take(1)
+    index_rows = epoch_seed.flat_map(
+        lambda seed_pair: tf.data.Dataset.from_tensor_slices(plan_epoch(seed_pair))
     )
 
     def gather_batch(indices):
         return tf.nest.map_structure(lambda tensor: tf.gather(tensor, indices), elements)
 
+    # deterministic=True keeps the batch order reproducible under `seed` even when the user's
+    # options allow non-deterministic maps (balance does not depend on it).
     batches = index_rows.map(
         gather_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
@@ -246,25 +251,30 @@ def _materialise(dataset):
             f"Received: dataset.element_spec={dataset.element_spec}"
         ) from error
     if not chunks:
-        # An empty dataset: keep the structure (zero examples) so the count check reports it.
-        return tf.nest.map_structure(
-            lambda spec: tf.zeros([0] + spec.shape.as_list(), spec.dtype), dataset.element_spec
+        raise ValueError(
+            "`balanced_batches`: argument `dataset` is empty; it must hold at least "
+            "examples_per_class examples of every class. Received: dataset with 0 elements"
         )
     return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *chunks)
 
 
-def _class_ids(labels, label_spec, num_classes):
-    """Returns the int64 class id of every example as a NumPy vector, checking the labels."""
-    labels = labels.numpy()
-    if label_spec.shape.rank == 0 or label_spec.shape.as_list() == [1]:
-        class_ids = _integer_class_ids(labels.reshape(-1), label_spec)
-    elif label_spec.shape.as_list() == [num_classes]:
-        class_ids = _one_hot_class_ids(labels)
+def _class_ids(labels, num_classes):
+    """Returns the int64 class id of every example as a NumPy vector, checking the labels.
+
+    `labels` is the stacked label tensor; its concrete shape is used, so labels whose spec has
+    an unknown shape are handled too.
+    """
+    label_shape = tuple(labels.shape[1:])
+    if label_shape in ((), (1,)):
+        class_ids = _integer_class_ids(labels)
+    elif label_shape == (num_classes,):
+        class_ids = _one_hot_class_ids(labels.numpy())
     else:
         raise ValueError(
-            "`balanced_batches`: labels must be integer class ids of shape () or (1,), or "
-            f"one-hot vectors of shape ({num_classes},) for num_classes={num_classes}. "
-            f"Received: label shape={label_spec.shape}"
+            "`balanced_batches`: each label must be an integer class id of shape () or (1,), "
+            f"or a one-hot vector of shape ({num_classes},) for num_classes={num_classes} "
+            "(unbatch a batched dataset first). "
+            f"Received: label shape={label_shape}"
         )
     outside = (class_ids < 0) | (class_ids >= num_classes)
     if outside.any():
@@ -277,13 +287,13 @@ def _class_ids(labels, label_spec, num_classes):
     return class_ids
 
 
-def _integer_class_ids(labels, label_spec):
-    if not label_spec.dtype.is_integer:
+def _integer_class_ids(labels):
+    if not labels.dtype.is_integer:
         raise TypeError(
             "`balanced_batches`: class-id labels must have an integer dtype (or be one-hot "
-            f"vectors). Received: label dtype={label_spec.dtype.name}"
+            f"vectors). Received: label dtype={labels.dtype.name}"
         )
-    return labels.astype(np.int64)
+    return labels.numpy().reshape(-1).astype(np.int64)
 
 
 def _one_hot_class_ids(labels):
@@ -333,65 +343,116 @@ def _num_batches(class_counts, examples_per_class, policy):
 def _epoch_planner(class_ids, class_counts, examples_per_class, num_batches, num_replicas):
     """Returns `plan(epoch_seed)`, the `(num_batches, batch_size)` example indices of an epoch.
 
-    All shapes are fixed at construction, so the plan's static shape is known and
-    `experimental_distribute_dataset` can split its batches.
+    `epoch_seed` is a stateless seed, shape `(2,)`. All shapes are fixed at construction, so
+    the plan's static shape is known and `experimental_distribute_dataset` can split its
+    batches.
+
+    Everything that does not depend on the seed is computed here, once, in NumPy: each op left
+    in `plan` is instantiated again whenever an iterator is created (every epoch), at a cost of
+    roughly a millisecond per op, which is noticeable on small datasets.
     """
-    num_classes = class_counts.size
     slots_per_class = num_batches * examples_per_class
-    class_ids = tf.constant(class_ids)
-    counts = tf.constant(class_counts[:, None], tf.int64)  # (C, 1)
-    # Where each class's examples start once the examples are sorted by class.
-    class_starts = tf.constant(np.cumsum(class_counts)[:, None] - class_counts[:, None])
+    slot_positions = _slot_positions(class_counts, slots_per_class)  # (C, slots)
+    pass_of_slot = _pass_of_slot(class_counts, slots_per_class)  # (C, slots)
+    batch_layout = _batch_layout(class_counts.size, examples_per_class, num_batches,
+                                 num_replicas)  # (batches, replicas, sub-batch) flat slot ids
+    if pass_of_slot.max() > 0:
+        pass_noise_size = pass_of_slot.size
+        layout_for = _reshuffled_passes_layout(slot_positions, pass_of_slot, batch_layout)
+    else:
+        pass_noise_size = 0
+        layout_for = _single_pass_layout(slot_positions, batch_layout)
+    noise_sizes = [class_ids.size, pass_noise_size, batch_layout.size]
+    class_keys = tf.constant(_group_keys(class_ids))
 
     def plan(epoch_seed):
-        seeds = [tf.random.experimental.stateless_fold_in(epoch_seed, salt) for salt in (
-            _SEED_SALT_CLASS_ORDER, _SEED_SALT_TILE_ORDER, _SEED_SALT_BATCH_ORDER)]
-        by_class = _shuffle_within_classes(class_ids, seeds[0])
-        slots = _class_slots(counts, slots_per_class, seeds[1])  # (C, slots), offsets in class
-        example_slots = tf.gather(by_class, class_starts + slots)  # (C, slots)
-        return _interleave_classes(
-            example_slots, num_classes, examples_per_class, num_batches, num_replicas, seeds[2]
+        class_noise, pass_noise, batch_noise = tf.split(
+            _uniform_noise(epoch_seed, sum(noise_sizes)), noise_sizes
         )
+        # Grouped by class (keys of class c lie in (-2c - 1, -2c]), random order within.
+        by_class = _descending_order(class_keys - class_noise)
+        layout = layout_for(pass_noise)  # positions in `by_class`, batch by batch
+        within_batch = _descending_order(tf.reshape(batch_noise, layout.shape))
+        rows = tf.gather(layout, within_batch, batch_dims=2)
+        return tf.gather(by_class, tf.reshape(rows, [num_batches, -1]))
 
     return plan
 
 
-def _shuffle_within_classes(class_ids, seed):
-    """Returns all example indices sorted by class, in a fresh random order within each class."""
-    shuffled = tf.random.experimental.stateless_shuffle(
-        tf.range(tf.size(class_ids, out_type=tf.int64)), seed
-    )
-    # A stable sort by class keeps the random order inside each class.
-    return tf.gather(shuffled, tf.argsort(tf.gather(class_ids, shuffled), stable=True))
+def _single_pass_layout(slot_positions, batch_layout):
+    """No class is oversampled: which class position each batch slot reads is fixed."""
+    layout = tf.constant(slot_positions.reshape(-1)[batch_layout])
+    return lambda unused_pass_noise: layout
 
 
-def _class_slots(counts, slots_per_class, seed):
-    """Returns, for each class, which of its (shuffled) examples fills each of its slots.
+def _reshuffled_passes_layout(slot_positions, pass_of_slot, batch_layout):
+    """Oversampling: shuffles each pass over a class separately, every epoch."""
+    pass_keys = tf.constant(_group_keys(pass_of_slot))
+    slot_positions = tf.constant(slot_positions)
+    batch_layout = tf.constant(batch_layout)
 
-    Slot `j` of a class with `n` examples takes example `j mod n`: with at least as many
-    examples as slots (every policy but oversampling) that is a plain prefix, so each example
-    is used at most once. With fewer ("oversample"), the slots form `ceil(slots / n)` passes
-    over the class; each pass is shuffled separately (sorting by pass + uniform noise), so
-    repeats are spread out and the last, partial pass is a random subset of the class.
+    def layout_for(pass_noise):
+        pass_order = _descending_order(pass_keys - tf.reshape(pass_noise, pass_keys.shape))
+        positions = tf.gather(slot_positions, pass_order, batch_dims=1)
+        return tf.gather(tf.reshape(positions, [-1]), batch_layout)
+
+    return layout_for
+
+
+def _slot_positions(class_counts, slots_per_class):
+    """Where, in the examples sorted by class, each class's slots take their example from.
+
+    Slot `j` of a class with `n` examples takes the class's example `j mod n`. With at least as
+    many examples as slots (every policy but oversampling) that is a prefix of the class's
+    (freshly shuffled) examples, so each example is used at most once. With fewer, the slots
+    make `ceil(slots / n)` passes over the class; `plan` shuffles each pass separately, so an
+    oversampled class does not meet the same partners in every pass, and the last, partial
+    pass takes a random subset of the class.
     """
-    slot = tf.range(slots_per_class, dtype=tf.int64)[None, :]  # (1, slots)
-    offset_in_class = slot % counts  # (C, slots)
-    pass_index = tf.cast(slot // counts, tf.float64)
-    noise = tf.random.stateless_uniform(tf.shape(offset_in_class), seed, dtype=tf.float64)
-    order_in_pass = tf.argsort(pass_index + noise, axis=1)
-    return tf.gather(offset_in_class, order_in_pass, batch_dims=1)
+    counts = class_counts[:, None]
+    class_starts = np.cumsum(counts, axis=0) - counts  # where each class begins when sorted
+    return class_starts + np.arange(slots_per_class)[None, :] % counts
 
 
-def _interleave_classes(
-    example_slots, num_classes, examples_per_class, num_batches, num_replicas, seed
-):
-    """Arranges per-class slots into batches of `num_replicas` balanced, shuffled sub-batches."""
+def _pass_of_slot(class_counts, slots_per_class):
+    """Which pass over its class each slot belongs to (see `_slot_positions`)."""
+    return np.arange(slots_per_class)[None, :] // class_counts[:, None]
+
+
+def _batch_layout(num_classes, examples_per_class, num_batches, num_replicas):
+    """Deals the `(class, slot)` pairs, as flat ids, into batches of balanced sub-batches.
+
+    Batch `i`, sub-batch `r` holds slots `[i * k + r * k / R, i * k + (r + 1) * k / R)` of every
+    class (`k` examples per class, `R` replicas), so every sub-batch, and hence every batch, is
+    balanced before the order within it is shuffled.
+    """
     per_replica = examples_per_class // num_replicas
-    sub_batch_size = per_replica * num_classes
-    slots = tf.reshape(example_slots, [num_classes, num_batches, num_replicas, per_replica])
-    sub_batches = tf.reshape(
-        tf.transpose(slots, [1, 2, 0, 3]), [num_batches, num_replicas, sub_batch_size]
+    slot_ids = np.arange(num_classes * num_batches * examples_per_class)
+    slot_ids = slot_ids.reshape(num_classes, num_batches, num_replicas, per_replica)
+    return slot_ids.transpose(1, 2, 0, 3).reshape(num_batches, num_replicas, -1)
+
+
+def _group_keys(groups):
+    """Sort keys `-2 * group`: minus noise in [0, 1) they sort group 0 first, randomly within.
+
+    The factor 2 leaves a gap of 1 between groups, so float64 rounding can never move an
+    element into a neighbouring group; within a group, rare ties only keep index order.
+    """
+    return -2.0 * np.asarray(groups, dtype=np.float64)
+
+
+def _uniform_noise(seed, size):
+    """`size` stateless uniform float64 values in [0, 1).
+
+    The raw ops are `tf.random.stateless_uniform` without its rescaling to [minval, maxval),
+    which [0, 1) does not need (fewer ops per epoch, see `_epoch_planner`).
+    """
+    key, counter, algorithm = tf.raw_ops.StatelessRandomGetKeyCounterAlg(seed=seed)
+    return tf.raw_ops.StatelessRandomUniformV2(
+        shape=[size], key=key, counter=counter, alg=algorithm, dtype=tf.float64
     )
-    noise = tf.random.stateless_uniform(tf.shape(sub_batches), seed)
-    shuffled = tf.gather(sub_batches, tf.argsort(noise, axis=-1), batch_dims=2)
-    return tf.reshape(shuffled, [num_batches, num_replicas * sub_batch_size])
+
+
+def _descending_order(keys):
+    """Indices that sort the last axis of `keys` in descending order (a full `top_k`)."""
+    return tf.math.top_k(keys, k=keys.shape[-1]).indices

@@ -201,6 +201,23 @@ def _register_builtins():
                                 **kw}),
              batch_dependent=True,
              description="batch renormalization, rmax=3, dmax=5 (Ioffe 2017)")
+    register("layer", layers.LayerNormalization,
+             description="layer norm over the channel axis (Ba et al. 2016)")
+    register("group", layers.GroupNormalization, defaults=_group_defaults,
+             description="group norm, 32 groups or the largest divisor below (Wu & He 2018)")
+    register("group_ws", layers.GroupNormalization, defaults=_group_defaults,
+             conv=layers.WeightStandardizedConv2D,
+             description="group norm after weight-standardized convs (Qiao et al. 2019)")
+    register("instance", layers.InstanceNormalization,
+             description="instance norm (Ulyanov et al. 2016)")
+    register("rms", layers.RMSNormalization,
+             description="RMS norm over the channel axis (Zhang & Sennrich 2019)")
+    register("frn", layers.FilterResponseNormalization, kind="norm_act",
+             description="filter response norm + TLU (Singh & Krishnan 2019)")
+    register("evonorm_b0", layers.EvoNormB0, kind="norm_act", batch_dependent=True,
+             description="EvoNorm-B0, batch-dependent (Liu et al. 2020)")
+    register("evonorm_s0", layers.EvoNormS0, kind="norm_act", defaults=_group_defaults,
+             description="EvoNorm-S0, group-based (Liu et al. 2020)")
 
 
 _register_builtins()

@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from keras_norm.data import balanced_batches
 
-CIFAR_SMALL = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-CIFAR_SMALL = CIFAR_SMALL / "cifar10-small.npz"
+# The shared data lies beside the project root (see shared/data/README.md).
+CIFAR_SMALL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-small.npz"
 
 # Class sizes of the imbalanced synthetic set: class 1 is the largest, class 0 the smallest.
 IMBALANCED_COUNTS = (7, 20, 12)
@@ -105,10 +105,10 @@ def test_order_changes_each_time_the_dataset_is_iterated():
 
 
 def test_order_changes_across_repeat():
-    dataset, labels = _id_dataset((20, 20, 20))
-    repeated = balanced_batches(dataset, 3, 2, seed=0).repeat(3)
-    ids = _epoch_order(repeated).reshape(3, 60)
-    _assert_balanced(np.concatenate(_epoch(repeated)[1]).reshape(-1, 6), 3, 2)
+    dataset, _ = _id_dataset((20, 20, 20))
+    batch_ids, batch_labels = _epoch(balanced_batches(dataset, 3, 2, seed=0).repeat(3))
+    _assert_balanced(batch_labels, 3, 2)
+    ids = np.concatenate(batch_ids).reshape(3, 60)
     for epoch in ids:
         assert sorted(epoch) == list(range(60))  # every epoch is a whole, fresh pass
     assert not np.array_equal(ids[0], ids[1])
@@ -151,16 +151,26 @@ def test_drop_takes_a_different_subset_of_large_classes_each_epoch():
 
 def test_oversample_uses_every_example_and_repeats_minorities_evenly():
     dataset, labels = _id_dataset(IMBALANCED_COUNTS)
-    balanced = balanced_batches(dataset, 3, 2, policy="oversample", seed=0)
+    # 20 examples of the largest class need ceil(20 / 3) = 7 batches of 3 per class.
+    balanced = balanced_batches(dataset, 3, 3, policy="oversample", seed=0)
     ids, batch_labels = _epoch(balanced)
-    assert len(ids) == int(balanced.cardinality()) == -(-max(IMBALANCED_COUNTS) // 2)
-    _assert_balanced(batch_labels, 3, 2)
+    assert len(ids) == int(balanced.cardinality()) == 7
+    _assert_balanced(batch_labels, 3, 3)
     uses = collections.Counter(np.concatenate(ids).tolist())
     for class_id in range(3):
         class_uses = [uses[i] for i in np.flatnonzero(labels == class_id)]
         assert min(class_uses) >= 1  # every example, of every class, appears
         assert max(class_uses) - min(class_uses) <= 1  # repeats are spread evenly
     assert max(uses[i] for i in np.flatnonzero(labels == 0)) > 1  # minority is resampled
+
+
+def test_oversample_reshuffles_each_pass_over_a_minority_class():
+    dataset, labels = _id_dataset((6, 60))
+    ids, _ = _epoch(balanced_batches(dataset, 2, 2, policy="oversample", seed=0))
+    minority = set(np.flatnonzero(labels == 0))
+    pairs = {frozenset(set(batch) & minority) for batch in ids}
+    # Ten passes over 6 examples: repeating one order would pair them the same 3 ways.
+    assert len(pairs) > 3
 
 
 def test_strict_names_the_classes_and_counts_when_imbalanced():
@@ -191,7 +201,7 @@ def test_missing_class_is_reported():
 
 def test_empty_dataset_is_reported():
     empty = tf.data.Dataset.from_tensor_slices((np.zeros(0, "int64"), np.zeros(0, "int64")))
-    with pytest.raises(ValueError, match=r"class 0: 0, class 1: 0"):
+    with pytest.raises(ValueError, match=r"`dataset` is empty.*Received: dataset with 0"):
         balanced_batches(empty, 2, 1)
 
 
@@ -257,7 +267,7 @@ def test_float_class_ids_are_rejected():
 
 def test_label_shape_that_fits_neither_format_is_rejected():
     dataset = tf.data.Dataset.from_tensor_slices((np.arange(4), np.zeros((4, 5), "int64")))
-    with pytest.raises(ValueError, match=r"Received: label shape=\(5,\)"):
+    with pytest.raises(ValueError, match=r"unbatch a batched dataset first.*shape=\(5,\)"):
         balanced_batches(dataset, 3, 1)
 
 

@@ -1,5 +1,22 @@
 """keras_norm's layers, one family per module."""
 
 from keras_norm.layers.batch_norm import BatchNormalization
+from keras_norm.layers.evonorm import EvoNormB0, EvoNormS0
+from keras_norm.layers.frn import FilterResponseNormalization
+from keras_norm.layers.group_norm import (GroupNormalization, InstanceNormalization,
+                                          LayerNormalization)
+from keras_norm.layers.rms_norm import RMSNormalization
+from keras_norm.layers.weight_standardization import CenteredConv2D, WeightStandardizedConv2D
 
-__all__ = ["BatchNormalization"]
+__all__ = [
+    "BatchNormalization",
+    "CenteredConv2D",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "RMSNormalization",
+    "WeightStandardizedConv2D",
+]

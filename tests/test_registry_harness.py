@@ -1,0 +1,106 @@
+"""Every registered name passes the shared harness: a new registration cannot skip it.
+
+Each name is built through `keras_norm.get` exactly as models and recipes build it (with the
+channel count, so channel-dependent defaults apply) and checked against the NumPy reference of
+its family, built from the layer's own config.
+"""
+
+import inspect
+
+import harness
+import keras
+import pytest
+from references.batch_norm import BatchNormReference
+from references.frn_evonorm import (EvoNormB0Reference, EvoNormS0Reference,
+                                    FilterResponseNormReference)
+from references.group_norm import GroupNormReference, LayerNormReference, RMSNormReference
+
+import keras_norm
+
+SHAPE = (8, 4, 4, 12)  # 12 channels: group counts must adapt (32 does not divide 12)
+
+# name -> (reference class, overrides of the config-derived reference arguments)
+REFERENCES = {
+    "batch": (BatchNormReference, {}),
+    "sync_batch": (BatchNormReference, {}),
+    "ghost_batch": (BatchNormReference, {"virtual_batch_size": 3}),
+    "batch_renorm": (BatchNormReference, {}),
+    "layer": (LayerNormReference, {}),
+    "group": (GroupNormReference, {}),
+    "group_ws": (GroupNormReference, {}),
+    "instance": (GroupNormReference, {"groups": -1}),
+    "rms": (RMSNormReference, {}),
+    "frn": (FilterResponseNormReference, {}),
+    "evonorm_b0": (EvoNormB0Reference, {}),
+    "evonorm_s0": (EvoNormS0Reference, {}),
+}
+# Layer arguments that make 3 training steps informative (visible moving-average updates,
+# several ghost batches in a batch of 8).
+OVERRIDES = {"momentum": 0.5, "virtual_batch_size": 3}
+
+
+def _layer_kwargs(name):
+    entry = keras_norm.spec(name)
+    probe = entry.build(SHAPE[-1])
+    accepted = inspect.signature(type(probe).__init__).parameters
+    return {k: v for k, v in OVERRIDES.items()
+            if k in accepted and (k != "virtual_batch_size" or name == "ghost_batch")}
+
+
+def make_case(name):
+    entry = keras_norm.spec(name)
+    kwargs = _layer_kwargs(name)
+    reference_cls, reference_overrides = REFERENCES[name]
+
+    def factory():
+        return entry.build(SHAPE[-1], **kwargs)
+
+    def reference(weights):
+        config = factory().get_config()
+        accepted = inspect.signature(reference_cls.__init__).parameters
+        arguments = {k: v for k, v in config.items() if k in accepted and k != "weights"}
+        return reference_cls(weights, **{**arguments, **reference_overrides})
+
+    return harness.LayerCase(factory=factory, input_shape=SHAPE, reference=reference,
+                             batch_dependent=entry.batch_dependent)
+
+
+def test_every_registered_name_has_a_reference():
+    missing = sorted(set(keras_norm.available()) - set(REFERENCES))
+    assert not missing, f"registered without a harness reference: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_registered_name_matches_reference(name):
+    harness.check_reference(make_case(name))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_registered_name_compiles_with_xla(name):
+    harness.check_jit(make_case(name))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_registered_name_serializes(name):
+    harness.check_serialization(make_case(name))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_registered_name_mixed_precision(name):
+    harness.check_mixed_precision(make_case(name))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REFERENCES
+                                        if n == "sync_batch" or n == "evonorm_b0"))
+def test_registered_synchronized_name_equals_one_device(name, mirrored_strategy):
+    case = make_case(name)
+    kwargs = _layer_kwargs(name)
+    case.factory = lambda: keras_norm.get(name, channels=SHAPE[-1],
+                                          **{**kwargs, "synchronized": True})
+    harness.check_distributed(case, mirrored_strategy)
+
+
+def test_every_name_builds_a_keras_layer():
+    for name in keras_norm.available():
+        layer = keras_norm.get(name, channels=SHAPE[-1])
+        assert isinstance(layer, keras.layers.Layer), name
