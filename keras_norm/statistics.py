@@ -128,6 +128,25 @@ def _variance_statistics(layer):
     return tuple(getattr(layer, "variance_statistics", ()))
 
 
+def _training_state(layers):
+    """Non-trainable variables that are training state rather than population statistics.
+
+    A layer that declares `population_statistics` (names) keeps other state too, e.g. Moving
+    Average BN's buffers of recent batch statistics and its step counters, or Cross-Iteration
+    BN's window. The recomputation pass must not disturb that state: it is saved here and
+    restored afterwards.
+    """
+    saved = []
+    for layer in layers:
+        names = getattr(layer, "population_statistics", None)
+        if not names:
+            continue
+        for variable in layer.non_trainable_variables:
+            if variable.path.split("/")[-1] not in names:
+                saved.append((variable, tf.identity(variable.value)))
+    return saved
+
+
 def _values_per_statistic(layer, inputs):
     """How many values each channel's batch statistic averages over (m of Algorithm 2)."""
     shape = tf.shape(inputs)
@@ -169,7 +188,9 @@ def recompute_statistics(model, dataset, steps=None, unbiased=False, verbose=1):
     parameters, MovingAverageBatchNormalization its second moment.
 
     Other layers that behave differently in training (e.g. Dropout) also run in training mode
-    during the pass, as in fvcore's `update_bn_stats`.
+    during the pass, as in fvcore's `update_bn_stats`. Training state that is not a population
+    statistic (Moving Average BN's buffers, Cross-Iteration BN's window, step counters) is
+    restored after the pass, so training can continue exactly as before.
 
     Args:
         model: A built Keras model.
@@ -218,6 +239,7 @@ def recompute_statistics(model, dataset, steps=None, unbiased=False, verbose=1):
                   for layer in layers}
     saved = [(layer, layer.momentum, layer.trainable, layer.__dict__.get("call"))
              for layer in layers]
+    training_state = _training_state(layers)
     try:
         for layer in layers:
             layer.momentum = momentum
@@ -247,6 +269,8 @@ def recompute_statistics(model, dataset, steps=None, unbiased=False, verbose=1):
         if unbiased:
             _apply_bessel_correction(layers, counts)
     finally:
+        for variable, value in training_state:
+            variable.assign(value)
         for layer, layer_momentum, trainable, call in saved:
             layer.momentum = layer_momentum
             layer.trainable = trainable

@@ -181,3 +181,24 @@ def test_recompute_empty_dataset_is_an_error():
     model(np.zeros((2, 4, 4, 2), "float32"))
     with pytest.raises(ValueError, match=r"yielded no batch"):
         recompute_statistics(model, [], verbose=0)
+
+
+def test_recompute_moving_average_bn_restores_its_training_state():
+    x = np.random.default_rng(5).normal(1, 2, (64, 4, 4, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((4, 4, 2)),
+                              keras_norm.MovingAverageBatchNormalization(buffer_size=2)])
+    layer = model.layers[0]
+    model(x[:8], training=True)  # some training history in the buffers
+    state = {v.path: v.numpy().copy() for v in layer.non_trainable_variables
+             if not v.path.endswith("moving_second_moment")}
+    recompute_statistics(model, tf.data.Dataset.from_tensor_slices(x).batch(4), verbose=0)
+    # 16 batches, a 2-batch buffer: the average of the buffered means of E[x^2] is the data's
+    # E[x^2] up to the first batch, which still averages with one training-time value.
+    chi = (x ** 2).reshape(16, -1, 2).mean(1)
+    chi_training = (x[:8] ** 2).reshape(-1, 2).mean(0)
+    sma = np.concatenate([[(chi[0] + chi_training) / 2], (chi[1:] + chi[:-1]) / 2])
+    np.testing.assert_allclose(layer.moving_second_moment.numpy(), sma.mean(0), rtol=1e-4)
+    for variable in layer.non_trainable_variables:
+        if variable.path in state:
+            np.testing.assert_array_equal(variable.numpy(), state[variable.path],
+                                          err_msg=variable.path)

@@ -134,6 +134,10 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
           Batch Normalization](https://arxiv.org/abs/2001.06838)
     """
 
+    #: The population statistic `recompute_statistics` sets; the buffers and step counters
+    #: are training state that it restores afterwards.
+    population_statistics = ("moving_second_moment",)
+
     def __init__(
         self,
         axis=-1,
