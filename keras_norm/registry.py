@@ -219,6 +219,9 @@ def _register_builtins():
     register("moving_average", layers.MovingAverageBatchNormalization,
              conv=layers.CenteredConv2D, batch_dependent=True,
              description="moving average batch norm + centered conv (Yan et al. 2020)")
+    register("cross_iteration", layers.CrossIterationBatchNormalization, kind="conv_wrapper",
+             batch_dependent=True,
+             description="cross-iteration batch norm, window 4, wraps the conv (Yao et al. 2020)")
     register("evonorm_s0", layers.EvoNormS0, kind="norm_act", defaults=_group_defaults,
              description="EvoNorm-S0, group-based (Liu et al. 2020)")
 

@@ -150,7 +150,8 @@ def _training_state(layers):
 def _values_per_statistic(layer, inputs):
     """How many values each channel's batch statistic averages over (m of Algorithm 2)."""
     shape = tf.shape(inputs)
-    channels = shape[layer.axis] if isinstance(getattr(layer, "axis", None), int) else 1
+    axis = getattr(layer, "axis", -1)  # a conv-wrapping norm has its channels last
+    channels = shape[axis if isinstance(axis, int) else -1]
     return tf.cast(tf.reduce_prod(shape), tf.float32) / tf.cast(channels, tf.float32)
 
 

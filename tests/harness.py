@@ -43,6 +43,9 @@ class LayerCase:
         atol, rtol: Float32 tolerances against the reference and between execution modes.
         input_fn: `(rng, shape) -> np.ndarray`; defaults to N(1.5, 2) values.
         batch_dependent: Whether training and inference differ (moving statistics exist).
+        output_shape_fn: `input shape -> output shape`, for layers that change the shape (e.g.
+            a wrapped convolution); the upstream gradients `dy` get that shape. Defaults to the
+            input shape.
     """
 
     factory: Callable[[], keras.layers.Layer]
@@ -53,6 +56,12 @@ class LayerCase:
     rtol: float = 1e-4
     input_fn: Optional[Callable] = None
     batch_dependent: bool = True
+    output_shape_fn: Optional[Callable] = None
+
+    def output_shape(self, input_shape):
+        if self.output_shape_fn is None:
+            return tuple(input_shape)
+        return tuple(self.output_shape_fn(tuple(input_shape)))
 
     def inputs(self, seed, shape=None):
         rng = np.random.default_rng(seed)
@@ -123,7 +132,8 @@ def check_reference(case, seed=0):
     for step in range(case.steps):
         x = case.inputs(seed + step)
         if hasattr(reference, "input_gradient"):
-            dy = np.random.default_rng(seed + 77 + step).normal(size=x.shape).astype("float32")
+            dy_shape = case.output_shape(x.shape)
+            dy = np.random.default_rng(seed + 77 + step).normal(size=dy_shape).astype("float32")
             xt = tf.constant(x)
             with tf.GradientTape() as tape:
                 tape.watch(xt)
@@ -246,7 +256,8 @@ def check_distributed(case, strategy, seed=0, training=True):
 
     for step in range(case.steps):
         x = case.inputs(seed + step)
-        dy = np.random.default_rng(seed + 50 + step).normal(size=x.shape).astype("float32")
+        dy_shape = case.output_shape(x.shape)
+        dy = np.random.default_rng(seed + 50 + step).normal(size=dy_shape).astype("float32")
         y, dx, dw = _gradient_step(single, tf.constant(x), tf.constant(dy), training)
 
         xs, dys = np.split(x, replicas), np.split(dy, replicas)

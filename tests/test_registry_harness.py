@@ -11,6 +11,7 @@ import harness
 import keras
 import pytest
 from references.batch_norm import BatchNormReference
+from references.cross_iteration import CrossIterationReference
 from references.frn_evonorm import (EvoNormB0Reference, EvoNormS0Reference,
                                     FilterResponseNormReference)
 from references.group_norm import GroupNormReference, LayerNormReference, RMSNormReference
@@ -35,15 +36,27 @@ REFERENCES = {
     "evonorm_b0": (EvoNormB0Reference, {}),
     "evonorm_s0": (EvoNormS0Reference, {}),
     "moving_average": (MovingAverageBatchNormReference, {}),
+    "cross_iteration": (CrossIterationReference, {"conv": {"padding": "same"}}),
 }
 # Layer arguments that make 3 training steps informative (visible moving-average updates,
 # several ghost batches in a batch of 8).
 OVERRIDES = {"momentum": 0.5, "virtual_batch_size": 3, "warmup_steps": 1}
 
 
+def _wrapped_conv():
+    """What a "conv_wrapper" norm wraps in these checks: a 3x3 convolution, 12 -> 12."""
+    return keras.layers.Conv2D(SHAPE[-1], 3, padding="same", use_bias=False)
+
+
+def _build(entry, **kwargs):
+    if entry.kind == "conv_wrapper":
+        kwargs["layer"] = _wrapped_conv()
+    return entry.build(SHAPE[-1], **kwargs)
+
+
 def _layer_kwargs(name):
     entry = keras_norm.spec(name)
-    probe = entry.build(SHAPE[-1])
+    probe = _build(entry)
     accepted = inspect.signature(type(probe).__init__).parameters
     return {k: v for k, v in OVERRIDES.items()
             if k in accepted and (k != "virtual_batch_size" or name == "ghost_batch")}
@@ -55,7 +68,7 @@ def make_case(name):
     reference_cls, reference_overrides = REFERENCES[name]
 
     def factory():
-        return entry.build(SHAPE[-1], **kwargs)
+        return _build(entry, **kwargs)
 
     def reference(weights):
         config = factory().get_config()
@@ -95,7 +108,7 @@ def test_registered_name_mixed_precision(name):
 def _synchronizable(name):
     """Whether the registered layer takes `synchronized=True` (ghost batches do not)."""
     try:
-        return keras_norm.get(name, channels=SHAPE[-1], synchronized=True).synchronized
+        return _build(keras_norm.spec(name), synchronized=True).synchronized
     except (TypeError, ValueError):
         return False
 
@@ -104,12 +117,11 @@ def _synchronizable(name):
 def test_registered_synchronized_name_equals_one_device(name, mirrored_strategy):
     case = make_case(name)
     kwargs = _layer_kwargs(name)
-    case.factory = lambda: keras_norm.get(name, channels=SHAPE[-1],
-                                          **{**kwargs, "synchronized": True})
+    case.factory = lambda: _build(keras_norm.spec(name), **{**kwargs, "synchronized": True})
     harness.check_distributed(case, mirrored_strategy)
 
 
 def test_every_name_builds_a_keras_layer():
     for name in keras_norm.available():
-        layer = keras_norm.get(name, channels=SHAPE[-1])
+        layer = _build(keras_norm.spec(name))
         assert isinstance(layer, keras.layers.Layer), name

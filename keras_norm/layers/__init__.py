@@ -1,6 +1,7 @@
 """keras_norm's layers, one family per module."""
 
 from keras_norm.layers.batch_norm import BatchNormalization
+from keras_norm.layers.cross_iteration import CrossIterationBatchNormalization
 from keras_norm.layers.evonorm import EvoNormB0, EvoNormS0
 from keras_norm.layers.frn import FilterResponseNormalization
 from keras_norm.layers.group_norm import (GroupNormalization, InstanceNormalization,
@@ -12,6 +13,7 @@ from keras_norm.layers.weight_standardization import CenteredConv2D, WeightStand
 __all__ = [
     "BatchNormalization",
     "CenteredConv2D",
+    "CrossIterationBatchNormalization",
     "EvoNormB0",
     "EvoNormS0",
     "FilterResponseNormalization",

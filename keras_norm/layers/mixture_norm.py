@@ -1,0 +1,587 @@
+"""Mixture normalization (Kalayeh & Shah 2018): normalize against a Gaussian mixture per batch.
+
+Batch normalization assumes one Gaussian per channel; mixture normalization fits a K-component
+Gaussian mixture to each training batch with a few EM iterations and normalizes every value
+against the components it is softly assigned to (the Fisher-vector form of the abstract of
+arXiv:1806.02892). All of the estimate is batched tensor algebra over (samples, K, C): matrix
+products for the diagonal multivariate case, broadcasts for the per-channel case; nothing loops
+over samples, channels or components, and the whole layer compiles with XLA.
+"""
+
+import math
+import statistics
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from keras_norm import stats
+from keras_norm.layers import base
+
+MIXTURE_AXES = ("channels", "per_channel")
+WARM_STARTS = ("aligned", "moving")
+
+
+class Mixture(NamedTuple):
+    """Parameters of a diagonal Gaussian mixture, in coordinates shifted by a per-channel shift.
+
+    `weights` is `(K, 1)` for one mixture over the channel vector (`mixture_axes="channels"`)
+    or `(K, C)` for one 1-D mixture per channel; `mean` and `variance` are `(K, C)`.
+    """
+
+    weights: tf.Tensor
+    mean: tf.Tensor
+    variance: tf.Tensor
+
+
+class _Centred:
+    """Samples minus a per-channel shift, `(N, C)`; their square is computed once, on demand."""
+
+    def __init__(self, value):
+        self.value = value
+        self._square = None
+
+    @property
+    def square(self):
+        if self._square is None:
+            self._square = tf.square(self.value)
+        return self._square
+
+
+def seed_offsets(num_components):
+    """Conditional means of N(0, 1) in `num_components` equiprobable bins, in increasing order.
+
+    `E[Z | a_k < Z < a_{k+1}] = K (phi(a_k) - phi(a_{k+1}))` with `a_k = Phi^-1(k / K)`: the
+    centres of a quantile split of a standard normal (0 for K = 1, +-0.798 for K = 2).
+    """
+    normal = statistics.NormalDist()
+    edges = [-math.inf] + [normal.inv_cdf(k / num_components)
+                           for k in range(1, num_components)] + [math.inf]
+
+    def density(a):
+        return 0.0 if math.isinf(a) else normal.pdf(a)
+
+    return [num_components * (density(lo) - density(hi)) for lo, hi in zip(edges, edges[1:])]
+
+
+@keras.saving.register_keras_serializable(package="keras_norm")
+class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
+    """Mixture normalization: normalizes each value against a Gaussian mixture fitted per batch.
+
+    Each position of each example is a sample `x_i` (the C-vector of channels). In training, a
+    K-component Gaussian mixture with diagonal covariances is fitted to the batch by
+    `em_iterations` EM steps, and every sample is normalized against its soft-assigned
+    components (Kalayeh & Shah 2018, section 7 of the project's ALGORITHMS.md):
+
+    ```
+    tau_ik  = lambda_k N(x_i | mu_k, var_k + eps) / sum_j lambda_j N(x_i | mu_j, var_j + eps)
+    lambda_k = mean_i tau_ik,  mu_k = sum_i tau_ik x_i / sum_i tau_ik,
+    var_k   = sum_i tau_ik (x_i - mu_k)^2 / sum_i tau_ik                      (M-step)
+    x_hat_i = sum_k tau_ik / sqrt(lambda_k) * (x_i - mu_k) / sqrt(var_k + eps)
+    y_i     = gamma * x_hat_i + beta
+    moving_stat = momentum * moving_stat + (1 - momentum) * batch_stat   (lambda, mu, var)
+    inference: the same x_hat with tau, lambda, mu, var from the moving mixture
+    ```
+
+    With `num_components=1`, `tau = lambda = 1` and the layer is exactly
+    `keras_norm.BatchNormalization` (outputs, gradients, moving statistics, inference).
+
+    The paper's full text was not available; these are the choices made where the abstract and
+    the Fisher-vector form leave it open, each with its reason:
+
+    - **Fisher-vector weighting.** Each component's term is divided by `sqrt(lambda_k)`, as in
+      the Fisher vector the paper builds on (`fisher_scaling=False` drops it). In training
+      `tau_ik <= N lambda_k`, so a term is never amplified by more than `sqrt(N)`; `lambda_k` is
+      floored at `min_weight` wherever it divides or enters a logarithm.
+    - **Samples.** `mixture_axes="channels"` (default) fits one mixture over the channel vector
+      at each position (diagonal covariance, one posterior per position), as the paper's
+      per-location soft assignment; `"per_channel"` fits an independent 1-D mixture to every
+      channel (posteriors per value): more flexible, `K` times the posterior memory.
+    - **The training output uses the batch mixture the way inference uses the moving one.**
+      The estimate is `em_iterations` E+M steps from the initial mixture; the posteriors the
+      output uses come from one more E-step with the final parameters, so the training output
+      is `f(x; theta_batch)` and the inference output is the same `f(x; theta_moving)`.
+    - **Gradients** flow, as in BN, through the final M-step's means and variances (weighted
+      sums of the inputs). Posteriors, and hence the weights `lambda_k`, are treated as
+      constants by default (`posterior_gradient=False`), as EM treats them and as mixture-of-
+      experts style normalizers do: it is cheaper (no backward pass through the E-steps) and
+      the normalization is then a posterior-weighted BN per component. With
+      `posterior_gradient=True` the gradient is exact for the computed function: it runs
+      through every unrolled E- and M-step (the initial mixture is a constant either way).
+    - **EM in log space.** Posteriors are a softmax over `log lambda_k + log N(...)` (log-sum-
+      exp). The quadratic forms are matrix products of `(x - s)` and `(x - s)^2` with the
+      components' precisions, where `s` is the batch's per-channel mean, so float32 keeps its
+      precision when `|mean| >> std`; the M-step's sufficient statistics are
+      `sum tau, sum tau (x - s), sum tau (x - s)^2` in the same shifted form.
+    - **Variance floor = epsilon.** The mixture density uses `var_k + epsilon`, the same
+      regularised variance the output divides by, so a component that collapses onto one value
+      never produces an infinite density or a NaN.
+    - **Degenerate components.** A component whose weight falls below `min_weight` in an M-step
+      (it received almost no responsibility: a batch without such values, batch size 1) keeps
+      its previous mean and variance instead of a 0/0 estimate, so it survives until data
+      return to it and component identity is kept.
+    - **Initialisation.** The first batch the layer sees (`num_updates == 0`) is seeded
+      deterministically by a quantile split along the data's principal direction: with `v`
+      the batch variance, `z = (x - s) / sqrt(v + eps)` the standardized samples and `d`,
+      `ev` the top eigenvector and eigenvalue of their correlation matrix (sign fixed so
+      that `d . (1, 2, .., C) >= 0`): equal weights, means `s + q_k sqrt(ev) d sqrt(v + eps)`
+      (`q_k` the centres of K equiprobable bins of N(0, 1)) and variances `v`. Per channel:
+      means `s + q_k sqrt(v + eps)`. The C x C correlation and its eigendecomposition are
+      computed at the first step only (inside a `tf.cond`). The first training update copies the fitted mixture into the moving
+      one (momentum 0 once, for K > 1): an EMA that starts from its initializers would
+      warm-start the next batches from nearly identical components that EM cannot separate.
+    - **Warm starts.** Afterwards EM starts from the moving mixture, so component `k` keeps its
+      identity across steps and the moving averages mean something. With
+      `warm_start="aligned"` (default) the moving mixture is first re-centred and re-scaled per
+      channel so that its overall mean and variance match the batch's (the components keep
+      their relative layout): early in training the features drift faster than a 0.99 EMA
+      follows, and an unaligned start can hand all values to one component.
+      `warm_start="moving"` starts from the moving mixture unchanged. A non-trainable
+      `num_updates` counter (saved with the model) records that the layer was seeded, so a
+      reloaded model keeps warm-starting.
+    - **Synchronized** (`synchronized=True`): the batch mean and variance are merged across
+      replicas exactly (`stats.batch_moments`) and every M-step all-reduces the components'
+      sufficient statistics, so each EM iteration, the output and the gradients equal one
+      device on the global batch.
+
+    Weights: `gamma`, `beta` `(C,)`; the moving mixture `moving_weights` (`(K,)`, or `(K, C)`
+    per channel), `moving_mean` and `moving_variance` `(K, C)` (float32), initialised to the
+    seed a standardized input would get; `num_updates` (int64 count of training updates).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_norm.layers.mixture_norm import MixtureNormalization
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 3)),
+    ...     keras.layers.Conv2D(4, 3),
+    ...     MixtureNormalization(num_components=3),
+    ...     keras.layers.ReLU(),
+    ... ])
+    >>> model(np.zeros((2, 8, 8, 3), "float32"), training=True).shape
+    TensorShape([2, 6, 6, 4])
+
+    Args:
+        num_components: Integer `K >= 1`, the number of mixture components. Defaults to `3`.
+        axis: Integer, the channel axis. Defaults to `-1`.
+        mixture_axes: `"channels"` (one diagonal mixture over the channel vector at each
+            position) or `"per_channel"` (an independent 1-D mixture per channel). Defaults
+            to `"channels"`.
+        em_iterations: Integer `>= 1`, EM iterations (E-step then M-step) per batch, unrolled
+            in the graph. Defaults to `2`.
+        momentum: Momentum of the moving mixture, in `[0, 1]`; read at every call (it may be a
+            `tf.Variable`). Defaults to `0.99`.
+        epsilon: Positive float added to every component variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        fisher_scaling: If `True`, divide each component's term by `sqrt(lambda_k)` (the
+            Fisher-vector form); if `False`, `x_hat = sum_k tau_k (x - mu_k) /
+            sqrt(var_k + eps)`. Defaults to `True`.
+        posterior_gradient: If `True`, differentiate through the posteriors of every unrolled
+            EM step; if `False`, posteriors are constants and gradients flow through the final
+            means and variances only. Defaults to `False`.
+        warm_start: `"aligned"` or `"moving"`: how EM starts after the first batch (see
+            above). Defaults to `"aligned"`.
+        min_weight: Float in `(0, 1 / num_components)`: floor on the mixture weights, and the
+            weight below which a component counts as empty. Defaults to `1e-3`.
+        synchronized: If `True`, fit the mixture to the global batch of all replicas under a
+            `tf.distribute` strategy (exactly, see above). Defaults to `False`.
+        inference_statistics: `"moving"` (the moving mixture) or `"batch"` (fit the mixture to
+            the inference batch, leaving the moving mixture untouched). Defaults to
+            `"moving"`.
+        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of any rank >= 2.
+        training: Python bool. `True` fits the mixture to the batch, normalizes with it and
+            updates the moving mixture (only if the layer is trainable: `trainable=False`
+            runs the layer in inference mode, as for BatchNormalization).
+        mask: Optional boolean tensor of the input's shape without the channel axis; masked
+            values do not enter the mixture estimate (they are still normalized).
+
+    Reference:
+        - [Kalayeh & Shah, 2018, Training Faster by Separating Modes of Variation in
+          Batch-normalized Models](https://arxiv.org/abs/1806.02892)
+    """
+
+    def __init__(
+        self,
+        num_components=3,
+        axis=-1,
+        mixture_axes="channels",
+        em_iterations=2,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        fisher_scaling=True,
+        posterior_gradient=False,
+        warm_start="aligned",
+        min_weight=1e-3,
+        synchronized=False,
+        inference_statistics="moving",
+        **kwargs,
+    ):
+        super().__init__(
+            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint, **kwargs,
+        )
+        owner = self.__class__.__name__
+        self.num_components = base.check_int(owner, "num_components", num_components, 1)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(
+                f"{owner}: argument `axis` must be an integer (the channel axis). "
+                f"Received: axis={axis!r}"
+            )
+        self.axis = axis
+        self.mixture_axes = base.check_choice(owner, "mixture_axes", mixture_axes,
+                                              MIXTURE_AXES)
+        self.em_iterations = base.check_int(owner, "em_iterations", em_iterations, 1)
+        self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
+        self.fisher_scaling = base.check_bool(owner, "fisher_scaling", fisher_scaling)
+        self.posterior_gradient = base.check_bool(owner, "posterior_gradient",
+                                                  posterior_gradient)
+        self.warm_start = base.check_choice(owner, "warm_start", warm_start, WARM_STARTS)
+        self.min_weight = base.check_float(owner, "min_weight", min_weight, 0.0, None,
+                                           low_open=True)
+        if self.min_weight * self.num_components >= 1.0:
+            raise ValueError(
+                f"{owner}: argument `min_weight` must be below 1 / num_components = "
+                f"{1.0 / self.num_components:g}, or every component could count as empty. "
+                f"Received: min_weight={min_weight!r}, num_components={num_components!r}"
+            )
+        self.synchronized = base.check_bool(owner, "synchronized", synchronized)
+        self._init_inference_statistics(inference_statistics)
+        self._offsets = seed_offsets(self.num_components)
+        self.moving_weights = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self.num_updates = None
+
+    # ------------------------------------------------------------------------------- build
+    def build(self, input_shape):
+        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
+        channels = input_shape[self._axis]
+        if channels is None:
+            raise ValueError(
+                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
+                f"size. Received: input_shape={tuple(input_shape)}"
+            )
+        ndim = len(input_shape)
+        k = self.num_components
+        self._channels = channels
+        self._per_channel = self.mixture_axes == "per_channel"
+        self._build_affine((channels,))
+        weight_shape = (k, channels) if self._per_channel else (k,)
+        # The initial moving mixture is the seed a standardized input would get (see the class
+        # docstring), so inference before any training is a proper mixture normalization.
+        spread = 1.0 if self._per_channel else 1.0 / math.sqrt(channels)
+        offsets = self._offsets
+
+        def weights_initializer(shape, dtype=None):
+            return tf.fill(shape, tf.constant(1.0 / k, dtype or "float32"))
+
+        def mean_initializer(shape, dtype=None):
+            column = tf.constant([[q * spread] for q in offsets], dtype or "float32")
+            return tf.broadcast_to(column, shape)
+
+        self.moving_weights = base.add_statistic(self, "moving_weights", weight_shape,
+                                                 weights_initializer)
+        self.moving_mean = base.add_statistic(self, "moving_mean", (k, channels),
+                                              mean_initializer)
+        self.moving_variance = base.add_statistic(self, "moving_variance", (k, channels),
+                                                  "ones")
+        # Every replica performs the same increment; the first replica's is kept.
+        self.num_updates = self.add_weight(
+            shape=(), name="num_updates", initializer="zeros", dtype="int64",
+            trainable=False, autocast=False, aggregation="only_first_replica",
+        )
+        self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self._axis: channels})
+        self._to_last = None
+        if self._axis != ndim - 1:
+            self._to_last = [a for a in range(ndim) if a != self._axis] + [self._axis]
+            self._from_last = list(range(self._axis)) + [ndim - 1] + list(
+                range(self._axis, ndim - 1))
+
+    # -------------------------------------------------------------------------------- call
+    def call(self, inputs, training=None, mask=None):
+        x = base.to_statistics_dtype(inputs)
+        valid = self._sample_mask(mask, x)
+        if self._to_last is not None:
+            x = tf.transpose(x, self._to_last)
+        samples = tf.reshape(x, [-1, self._channels])
+        gamma, beta = self._affine_parameters(samples.dtype)
+        update = self._is_training(training)
+        if self.num_components == 1:
+            outputs = self._call_single(samples, valid, gamma, beta, training)
+        else:
+            if self._uses_batch_statistics(training):
+                shift, xs, mixture, tau, count, first = self._fit(samples, valid)
+            else:
+                update = False
+                shift, mixture = self._moving_mixture(samples.dtype)
+                xs = _Centred(samples - shift)
+                tau = self._posteriors(xs, mixture)
+            outputs = self._normalize(xs.value, mixture, tau, gamma, beta)
+            if update:
+                self._update_statistics(shift, mixture, count, first)
+        outputs = tf.reshape(outputs, tf.shape(x))
+        if self._to_last is not None:
+            outputs = tf.transpose(outputs, self._from_last)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _call_single(self, samples, valid, gamma, beta, training):
+        """K = 1: tau = lambda = 1, so the mixture is the batch's mean and variance: BN."""
+        if not self._uses_batch_statistics(training):
+            mean = tf.cast(self.moving_mean, samples.dtype)
+            variance = tf.cast(self.moving_variance, samples.dtype)
+            return stats.normalize(samples, mean, variance, self.epsilon, gamma, beta)
+        moments = stats.batch_moments(samples, [0], valid, self.synchronized)
+        mean, variance = moments.mean, moments.variance
+        outputs = stats.normalize(samples, mean, variance, self.epsilon, gamma, beta)
+        if self._is_training(training):
+            count = tf.reshape(moments.count, [-1])[0]
+            weights = tf.ones(self.moving_weights.shape, samples.dtype)
+            self._update_statistics(tf.zeros_like(mean), Mixture(weights, mean, variance),
+                                    count, first=None)
+        return outputs
+
+    def _sample_mask(self, mask, x):
+        """Keras's mask (the input's shape without the channel axis) as `(N, 1)` weights."""
+        if mask is None:
+            return None
+        if len(mask.shape) != len(x.shape) - 1:
+            raise ValueError(
+                f"{self._owner}: the mask must have one dimension less than the inputs (no "
+                f"channel axis). Received: mask.shape={tuple(mask.shape)}, "
+                f"inputs.shape={tuple(x.shape)}"
+            )
+        return tf.reshape(tf.cast(mask, x.dtype), [-1, 1])
+
+    # ------------------------------------------------------------------------ EM pieces
+    def _centred_moments(self, samples, valid):
+        """Exact two-pass batch mean and variance that also return `x - mean` and its square.
+
+        The same two passes as `stats.batch_moments` (global mean first, then the centred sum
+        of squares; all-reduced when synchronized), arranged so that the centred samples and
+        their squares, which every E- and M-step reads, are computed once and shared.
+        """
+        if valid is None:
+            count = tf.cast(tf.shape(samples)[0], samples.dtype)
+            total = tf.reduce_sum(samples, axis=0, keepdims=True)
+        else:
+            count = tf.reduce_sum(valid)
+            total = tf.reduce_sum(samples * valid, axis=0, keepdims=True)
+        if self.synchronized:
+            count, total = stats.all_reduce_sum((count, total))
+        shift = tf.stop_gradient(tf.math.divide_no_nan(total, count))
+        xs = _Centred(samples - shift)
+        squares = xs.square if valid is None else xs.square * valid
+        sum_squares = tf.reduce_sum(squares, axis=0, keepdims=True)
+        if self.synchronized:
+            sum_squares = stats.all_reduce_sum(sum_squares)
+        variance = tf.stop_gradient(tf.math.divide_no_nan(sum_squares, count))
+        return shift, xs, variance, count
+
+    def _posteriors(self, xs, mixture):
+        """E-step in log space: `(N, K)` posteriors, or per channel a list of K `(N, C)`."""
+        variance = mixture.variance + self.epsilon
+        log_weights = tf.math.log(tf.maximum(mixture.weights, self.min_weight))
+        if self._per_channel:
+            # The K components are unrolled: K full-size slabs beat one (N, K, C) tensor with
+            # a softmax over its middle axis by 2-3x, with and without XLA.
+            half_precision = 0.5 / variance
+            constant = log_weights - 0.5 * tf.math.log(variance)
+            logits = [constant[k] - half_precision[k] * tf.math.squared_difference(
+                xs.value, mixture.mean[k]) for k in range(self.num_components)]
+            top = logits[0]
+            for logit in logits[1:]:
+                top = tf.maximum(top, logit)
+            exps = [tf.exp(logit - top) for logit in logits]
+            inverse_total = 1.0 / tf.add_n(exps)
+            return [e * inverse_total for e in exps]
+        precision = 1.0 / variance
+        scaled_mean = mixture.mean * precision
+        # -0.5 sum_c (x - mu)^2 / v  =  x . (mu / v) - 0.5 x^2 . (1 / v) - 0.5 sum_c mu^2 / v
+        constant = tf.reshape(log_weights, [-1]) - 0.5 * tf.reduce_sum(
+            tf.math.log(variance) + mixture.mean * scaled_mean, axis=1)
+        logits = (tf.matmul(xs.value, scaled_mean, transpose_b=True)
+                  - 0.5 * tf.matmul(xs.square, precision, transpose_b=True) + constant)
+        return tf.nn.softmax(logits, axis=1)
+
+    def _maximize(self, xs, tau, valid, count, previous):
+        """M-step from shifted sufficient statistics, all-reduced when synchronized."""
+        if self._per_channel:
+            if valid is not None:
+                tau = [t * valid for t in tau]
+            s0 = tf.stack([tf.reduce_sum(t, axis=0) for t in tau])
+            s1 = tf.stack([tf.reduce_sum(t * xs.value, axis=0) for t in tau])
+            s2 = tf.stack([tf.reduce_sum(t * xs.square, axis=0) for t in tau])
+        else:
+            if valid is not None:
+                tau = tau * valid
+            s0 = tf.reshape(tf.reduce_sum(tau, axis=0), [-1, 1])
+            s1 = tf.matmul(tau, xs.value, transpose_a=True)
+            s2 = tf.matmul(tau, xs.square, transpose_a=True)
+        if self.synchronized:
+            s0, s1, s2 = stats.all_reduce_sum((s0, s1, s2))
+        weights = tf.math.divide_no_nan(s0, count)
+        empty = weights < self.min_weight
+        # Safe denominators: a NaN in the branch tf.where discards would still poison gradients.
+        s0 = tf.where(empty, tf.ones_like(s0), s0)
+        mean = s1 / s0
+        variance = tf.nn.relu(s2 / s0 - tf.square(mean))
+        mean = tf.where(empty, previous.mean, mean)
+        variance = tf.where(empty, previous.variance, variance)
+        return Mixture(weights, mean, variance)
+
+    def _seed(self, xs, valid, count, variance, first):
+        """Deterministic initial mixture: a quantile split along the principal direction."""
+        k, dtype = self.num_components, xs.value.dtype
+        offsets = tf.constant([[q] for q in self._offsets], dtype)
+        spread = tf.sqrt(variance + self.epsilon)
+        weights_shape = [k, self._channels] if self._per_channel else [k, 1]
+        weights = tf.fill(weights_shape, tf.constant(1.0 / k, dtype))
+        seed_variance = tf.tile(variance, [k, 1])
+        if self._per_channel:
+            return Mixture(weights, offsets * spread, seed_variance)
+        channels = self._channels
+
+        def local_correlation():
+            standardized = xs.value / spread
+            weighted = standardized if valid is None else standardized * valid
+            return tf.matmul(standardized, weighted, transpose_a=True)
+
+        def principal_axis():
+            values, vectors = tf.linalg.eigh(tf.math.divide_no_nan(correlation, count))
+            direction = vectors[:, -1]
+            # eigh's sign is arbitrary: orient it by a fixed generic vector (1, 2, .., C).
+            orientation = tf.reduce_sum(direction * tf.range(1, channels + 1, dtype=dtype))
+            direction = tf.where(orientation < 0, -direction, direction)
+            return direction * tf.sqrt(tf.nn.relu(values[-1]))
+
+        # Only the first batch needs the correlation matrix and its eigenvectors: both sit in
+        # conditionals. The all-reduce stays outside them (collectives cannot run inside a
+        # conditional under tf.distribute), so synchronized replicas sum a C x C matrix, zero
+        # after the first step, at every step.
+        zeros = tf.zeros([channels, channels], dtype)
+        correlation = tf.cond(first, local_correlation, lambda: zeros)
+        if self.synchronized:
+            correlation = stats.all_reduce_sum(correlation)
+        axis = tf.cond(first, principal_axis, lambda: tf.zeros([channels], dtype))
+        return Mixture(weights, offsets * axis * spread, seed_variance)
+
+    def _warm_start(self, shift, variance, dtype):
+        """The moving mixture in shifted coordinates, aligned to the batch when asked."""
+        moving_shift, mixture = self._moving_mixture(dtype)
+        if self.warm_start == "moving":
+            return Mixture(mixture.weights, mixture.mean + (moving_shift - shift),
+                           mixture.variance)
+        weights = tf.math.divide_no_nan(
+            mixture.weights, tf.reduce_sum(mixture.weights, axis=0, keepdims=True))
+        # mixture.mean is centred on the moving mixture's overall mean already.
+        pooled = tf.reduce_sum(weights * (mixture.variance + tf.square(mixture.mean)), axis=0,
+                               keepdims=True)
+        ratio = (variance + self.epsilon) / (pooled + self.epsilon)
+        return Mixture(mixture.weights, mixture.mean * tf.sqrt(ratio),
+                       mixture.variance * ratio)
+
+    def _moving_mixture(self, dtype):
+        """`(shift, mixture)`: the moving mixture centred on its overall mean."""
+        weights = tf.cast(self.moving_weights, dtype)
+        if not self._per_channel:
+            weights = tf.reshape(weights, [-1, 1])
+        mean = tf.cast(self.moving_mean, dtype)
+        variance = tf.cast(self.moving_variance, dtype)
+        normalized = tf.math.divide_no_nan(weights,
+                                           tf.reduce_sum(weights, axis=0, keepdims=True))
+        shift = tf.reduce_sum(normalized * mean, axis=0, keepdims=True)
+        return shift, Mixture(weights, mean - shift, variance)
+
+    def _fit(self, samples, valid):
+        """Fits the batch mixture; returns `(shift, xs, mixture, tau, count, first)`."""
+        shift, xs, variance, count = self._centred_moments(samples, valid)
+        first = tf.equal(self.num_updates, 0)
+        seed = self._seed(xs, valid, count, variance, first)
+        warm = self._warm_start(shift, variance, samples.dtype)
+        mixture = Mixture(*[tf.stop_gradient(tf.where(first, s, w)) for s, w in zip(seed, warm)])
+        for _ in range(self.em_iterations):  # a few unrolled EM steps, not a loop over data
+            tau = self._maybe_stop(self._posteriors(xs, mixture))
+            mixture = self._maximize(xs, tau, valid, count, mixture)
+        tau = self._maybe_stop(self._posteriors(xs, mixture))
+        return shift, xs, mixture, tau, count, first
+
+    def _maybe_stop(self, tau):
+        return tau if self.posterior_gradient else tf.nest.map_structure(tf.stop_gradient, tau)
+
+    # ------------------------------------------------------------------------- normalize
+    def _normalize(self, xs, mixture, tau, gamma, beta):
+        """`sum_k w_ik (x_i - mu_k) inv_k (+ beta)` as `x * scale_i - offset_i`.
+
+        One mixture over channels: `scale = w @ inv` and `offset = [w, 1] @ [mu inv; -beta]`
+        (two thin matrix products). Per channel: the same sums over the unrolled components.
+        """
+        weights = mixture.weights
+        inv = tf.math.rsqrt(mixture.variance + self.epsilon)
+        if gamma is not None:
+            inv = inv * gamma
+        if self.fisher_scaling:
+            inv = inv * tf.math.rsqrt(tf.maximum(weights, self.min_weight))
+        mean_inv = mixture.mean * inv
+        if self._per_channel:
+            scale = tf.add_n([t * inv[k] for k, t in enumerate(tau)])
+            offset = tf.add_n([t * mean_inv[k] for k, t in enumerate(tau)])
+            outputs = xs * scale - offset
+            return outputs if beta is None else outputs + beta
+        scale = tf.matmul(tau, inv)
+        if beta is not None:
+            ones = tf.ones([tf.shape(tau)[0], 1], tau.dtype)
+            tau = tf.concat([tau, ones], axis=1)
+            mean_inv = tf.concat([mean_inv, -tf.expand_dims(beta, 0)], axis=0)
+        return xs * scale - tf.matmul(tau, mean_inv)
+
+    # ------------------------------------------------------------------ moving statistics
+    def _update_statistics(self, shift, mixture, count, first):
+        """EMA of the batch mixture (a copy at the first update when K > 1)."""
+        has_values = count > 0
+        momentum = self.momentum
+        if first is not None:
+            momentum = tf.where(first, tf.constant(0.0, shift.dtype),
+                                tf.cast(momentum, shift.dtype))
+        stats.assign_moving_average(self.moving_weights, mixture.weights, momentum, has_values)
+        stats.assign_moving_average(self.moving_mean, mixture.mean + shift, momentum,
+                                    has_values)
+        stats.assign_moving_average(self.moving_variance, mixture.variance, momentum,
+                                    has_values)
+        self.num_updates.assign_add(tf.cast(has_values, "int64"))
+
+    # ----------------------------------------------------------------------------- config
+    def get_config(self):
+        config = {
+            "num_components": self.num_components,
+            "axis": self.axis,
+            "mixture_axes": self.mixture_axes,
+            "em_iterations": self.em_iterations,
+            "momentum": self.momentum,
+            "fisher_scaling": self.fisher_scaling,
+            "posterior_gradient": self.posterior_gradient,
+            "warm_start": self.warm_start,
+            "min_weight": self.min_weight,
+            "synchronized": self.synchronized,
+            "inference_statistics": self.inference_statistics,
+        }
+        return {**super().get_config(), **config}
