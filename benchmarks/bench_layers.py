@@ -184,7 +184,7 @@ def markdown(single_rows, distributed_rows, args, elapsed):
         "## Layers: forward + backward, (128, 32, 32, 64) float32",
         "",
         f"Measured with `python benchmarks/bench_layers.py --rounds {args.rounds} "
-        f"--steps {args.steps}` on {platform.machine()} with {os.cpu_count()} CPU cores, "
+        f"--steps {args.steps}{' --only ' + args.only if args.only else ''}` on {platform.machine()} with {os.cpu_count()} CPU cores, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({elapsed:.0f} s). Each ratio "
         "is the median over interleaved rounds of (layer time / reference time) in the same "
         "round, with the min–max over rounds in brackets; below 1.00 is faster.",
@@ -228,6 +228,8 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated registry names")
     parser.add_argument("--distributed-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print, don't edit BENCHMARKS.md")
+    parser.add_argument("--section", default="layers",
+                        help="the BENCHMARKS.md section this run replaces")
     args = parser.parse_args()
     only = {registry.canonical_name(n) for n in args.only.split(",") if n} or None
     start = time.perf_counter()
@@ -236,7 +238,7 @@ def main():
     text = markdown(single, distributed, args, time.perf_counter() - start)
     print(text)
     if not args.no_write:
-        update_section(ROOT / "BENCHMARKS.md", "layers", text)
+        update_section(ROOT / "BENCHMARKS.md", args.section, text)
 
 
 if __name__ == "__main__":

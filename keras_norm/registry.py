@@ -216,6 +216,8 @@ def _register_builtins():
              description="filter response norm + TLU (Singh & Krishnan 2019)")
     register("evonorm_b0", layers.EvoNormB0, kind="norm_act", batch_dependent=True,
              description="EvoNorm-B0, batch-dependent (Liu et al. 2020)")
+    register("mixture", layers.MixtureNormalization, batch_dependent=True,
+             description="mixture normalization, K=3 (Kalayeh & Shah 2018)")
     register("moving_average", layers.MovingAverageBatchNormalization,
              conv=layers.CenteredConv2D, batch_dependent=True,
              description="moving average batch norm + centered conv (Yan et al. 2020)")

@@ -15,6 +15,7 @@ from references.cross_iteration import CrossIterationReference
 from references.frn_evonorm import (EvoNormB0Reference, EvoNormS0Reference,
                                     FilterResponseNormReference)
 from references.group_norm import GroupNormReference, LayerNormReference, RMSNormReference
+from references.mixture_norm import MixtureNormReference
 from references.moving_average import MovingAverageBatchNormReference
 
 import keras_norm
@@ -36,6 +37,7 @@ REFERENCES = {
     "evonorm_b0": (EvoNormB0Reference, {}),
     "evonorm_s0": (EvoNormS0Reference, {}),
     "moving_average": (MovingAverageBatchNormReference, {}),
+    "mixture": (MixtureNormReference, {}),
     "cross_iteration": (CrossIterationReference, {"conv": {"padding": "same"}}),
 }
 # Layer arguments that make 3 training steps informative (visible moving-average updates,

@@ -6,6 +6,7 @@ from keras_norm.layers.evonorm import EvoNormB0, EvoNormS0
 from keras_norm.layers.frn import FilterResponseNormalization
 from keras_norm.layers.group_norm import (GroupNormalization, InstanceNormalization,
                                           LayerNormalization)
+from keras_norm.layers.mixture_norm import MixtureNormalization
 from keras_norm.layers.moving_average import MovingAverageBatchNormalization
 from keras_norm.layers.rms_norm import RMSNormalization
 from keras_norm.layers.weight_standardization import CenteredConv2D, WeightStandardizedConv2D
@@ -20,6 +21,7 @@ __all__ = [
     "GroupNormalization",
     "InstanceNormalization",
     "LayerNormalization",
+    "MixtureNormalization",
     "MovingAverageBatchNormalization",
     "RMSNormalization",
     "WeightStandardizedConv2D",
