@@ -1,0 +1,370 @@
+"""Train and evaluate a CIFAR model with any keras_norm normalization: `python -m recipes.cifar`.
+
+The command line only: argument parsing and presets. The work is done by `recipes.datasets`
+(data), `recipes.models` (models), `recipes.training` (the training loop, resume, evaluation
+modes) and `recipes.report` (results.json, report.md, plots).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_TRAIN_SIZE = 10000
+DEFAULT_EPOCHS = 5
+
+PRESETS = {
+    # Mixture Normalization's CIFAR setting (ALGORITHMS.md section 7, the public Keras
+    # reproduction): the 5-layer CNN with MN replacing the batch norm of its second
+    # convolution, AdamW at 1e-3 (= 5e-4 x 256/128) with weight decay 1e-4, batch 256,
+    # 100 epochs on all training images.
+    "mn_cnn": dict(model="mn_cnn", norm="mixture", placement="2", other_norm="batch",
+                   optimizer="adamw", lr=5e-4, weight_decay=1e-4, schedule="constant",
+                   batch_size=256, epochs=100, train_size="all"),
+    # Hajaj & Gillies 2018 (batch structure): balanced batches of one image per class,
+    # evaluated with population statistics, random-batch statistics, balanced test batches
+    # ("conditional") and label-free pseudo-balanced batches.
+    "balanced": dict(batch_structure="balanced",
+                     eval="population,batch,balanced,pseudo_balanced"),
+}
+
+DESCRIPTION = f"""\
+Train a CIFAR model with a keras_norm normalization and compare evaluation modes.
+
+With no arguments: a small CNN with batch norm after every convolution, trained with SGD for
+{DEFAULT_EPOCHS} epochs on {DEFAULT_TRAIN_SIZE:,} training images (class-balanced subset) of the
+local CIFAR-10 copy and tested on all 10,000 test images; a few minutes on a 2-core CPU.
+Outputs (checkpoints, logs, results.json, report.md, plots) go to --output.
+
+Data is found, in order: --data / --dataset, $KERAS_NORM_DATA, the shared copy
+../shared/data/cifar10-jpg.tar.gz beside the project, then an already prepared TFDS cifar10.
+Nothing is downloaded.
+"""
+
+EPILOG = """\
+examples:
+  python -m recipes.cifar                                   # the quick default
+  python -m recipes.cifar --model resnet20 --train-size all --epochs 30
+  python -m recipes.cifar --norm group --placement first    # one norm, after the first conv
+  python -m recipes.cifar --norm batch --norm-kwargs '{"momentum": 0.9}'
+  python -m recipes.cifar --preset balanced                 # balanced batches, 1 per class
+  python -m recipes.cifar --preset mn_cnn                   # Mixture Normalization setting
+  python -m recipes.cifar --strategy mirrored --cpu-replicas 2 --norm sync_batch
+  TF_CONFIG='{"cluster": {"worker": ["host1:2222", "host2:2222"]},
+              "task": {"type": "worker", "index": 0}}' \\
+    python -m recipes.cifar --strategy multiworker --norm sync_batch --output /shared/run1
+
+resuming: a run killed part-way continues from its last finished epoch when started again
+with the same command (same --output); --epochs may be raised to train longer.
+
+evaluation modes (--eval):
+  population       moving (population) statistics: the usual inference
+  batch            random test batches of --batch-size, each normalized with its own statistics
+  balanced         test batches with k images of every class (built with the test labels),
+                   normalized with their own statistics: the "conditional" evaluation of
+                   Hajaj & Gillies 2018; k = --examples-per-class, or batch-size / classes
+  pseudo_balanced  the same, balanced by the model's own predicted labels (no test labels)
+  recomputed       population statistics recomputed after training as the equal-weight
+                   average over --recompute-steps training batches ("precise BN")
+  auto (default)   population; plus batch and recomputed for batch-dependent norms; plus
+                   balanced and pseudo_balanced when training on balanced batches
+
+exit status: 0 done, 2 bad arguments or data (one line on stderr), 1 other failures.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _size(text):
+    """A positive int, or "all"/0 for no subset."""
+    if str(text).lower() in ("all", "0"):
+        return "all"
+    return _positive_int(text)
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _norm_kwargs(text):
+    """A JSON object, or comma-separated key=value pairs with JSON (or bare string) values."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+        return value
+    result = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected key=value pairs or a JSON object, got {text!r}")
+        try:
+            result[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[key.strip()] = raw.strip()
+    return result
+
+
+def _eval_modes(text):
+    from recipes.training import EVAL_MODES
+
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    if modes == ["auto"]:
+        return ("auto",)
+    unknown = [mode for mode in modes if mode not in EVAL_MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {unknown or text!r}; choose from {', '.join(EVAL_MODES)} or auto")
+    return tuple(dict.fromkeys(modes))
+
+
+def build_parser():
+    import keras_norm
+    from recipes.models import MODELS
+    from recipes.training import BATCH_STRUCTURES, OPTIMIZERS, SCHEDULES, STRATEGIES
+
+    parser = _Parser(prog="python -m recipes.cifar", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a paper's setting; explicit flags override it. mn_cnn: "
+                             "Mixture Normalization's 5-layer CNN (MN after conv 2, batch norm "
+                             "elsewhere, AdamW, batch 256, 100 epochs). balanced: balanced "
+                             "batches of 1 image per class and the balanced evaluation modes")
+
+    group = parser.add_argument_group("model and normalization")
+    group.add_argument("--model", choices=MODELS, default="small_cnn",
+                       help="small_cnn: 3 convs, fast (default); resnet20: He et al.'s CIFAR "
+                            "ResNet-20; mn_cnn: the 5-layer CNN of the MN experiments")
+    group.add_argument("--norm", default="batch",
+                       help=f"a registered normalization: {', '.join(keras_norm.available())} "
+                            "or none. Default: batch")
+    group.add_argument("--norm-kwargs", type=_norm_kwargs, default={}, metavar="ARGS",
+                       help="constructor arguments of the norm layers: JSON ('{\"momentum\": "
+                            "0.9}') or key=value,key=value")
+    group.add_argument("--placement", default="all",
+                       help="where the norm goes: all (after every conv, default), first (one "
+                            "norm after the first conv only), none, or 1-based positions such "
+                            "as 2 or 1,3")
+    group.add_argument("--other-norm", default=None, metavar="NAME",
+                       help="norm at the positions --placement leaves out (default: none)")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="PATH",
+                       help="class-folder tree (train/<class>/*.jpg, test/<class>/*.jpg), a "
+                            ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
+    group.add_argument("--dataset", choices=("cifar10", "cifar100"),
+                       help="a TFDS data set already prepared on this machine")
+    group.add_argument("--train-size", type=_size, default=None, metavar="N",
+                       help=f"train on a class-balanced subset of N images; 'all' for every "
+                            f"image. Default: {DEFAULT_TRAIN_SIZE:,} (all if fewer)")
+    group.add_argument("--test-size", type=_size, default="all", metavar="N",
+                       help="test on a class-balanced subset of N images. Default: all")
+    group.add_argument("--no-augment", dest="augment", action="store_false",
+                       help="turn off the standard augmentation (4-pixel pad + random crop, "
+                            "horizontal flip)")
+
+    group = parser.add_argument_group("batches and optimization")
+    group.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                       help="global batch size. Default: 128, or k x classes with balanced "
+                            "batches")
+    group.add_argument("--batch-structure", choices=BATCH_STRUCTURES, default="random",
+                       help="random: shuffled batches (default); balanced: every batch holds "
+                            "k images of every class")
+    group.add_argument("--examples-per-class", type=_positive_int, default=None, metavar="K",
+                       help="k for balanced batches (batch size = k x classes). Default: 1")
+    group.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+                       help=f"Default: {DEFAULT_EPOCHS}")
+    group.add_argument("--steps-per-epoch", type=_positive_int, default=None, metavar="S",
+                       help="batches per epoch (the data wraps around). Default: one pass")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                       help="sgd (momentum 0.9, default) or adamw")
+    group.add_argument("--lr", type=_positive_float, default=0.1,
+                       help="learning rate at batch 128; scaled linearly with the global batch "
+                            "size. Default: 0.1")
+    group.add_argument("--weight-decay", type=_non_negative_float, default=5e-4,
+                       help="decoupled weight decay of conv and dense kernels. Default: 5e-4")
+    group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                       help="cosine decay to 0 (default) or constant")
+    group.add_argument("--warmup-epochs", type=_non_negative_float, default=0.0,
+                       help="linear warm-up epochs before the cosine decay. Default: 0")
+    group.add_argument("--seed", type=int, default=0, help="Default: 0")
+
+    group = parser.add_argument_group("evaluation and output")
+    group.add_argument("--eval", type=_eval_modes, default=("auto",), metavar="MODES",
+                       help="comma-separated evaluation modes (see below). Default: auto")
+    group.add_argument("--recompute-steps", type=_positive_int, default=200, metavar="N",
+                       help="training batches averaged by --eval recomputed. Default: 200")
+    group.add_argument("--output", metavar="DIR",
+                       help="output folder. Default: runs/cifar/<model>-<norm>-<placement>-"
+                            "seed<seed>")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete what --output holds and start again instead of resuming")
+    group.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                       help="0 silent, 1 progress bar (default), 2 one line per epoch")
+    parser.add_argument("--stop-after-epochs", type=_positive_int, default=None,
+                        help=argparse.SUPPRESS)  # testing aid: die like a killed process
+
+    group = parser.add_argument_group("hardware")
+    group.add_argument("--strategy", choices=STRATEGIES, default="default",
+                       help="default (one device), mirrored (all local GPUs, or the logical "
+                            "CPUs of --cpu-replicas) or multiworker (from TF_CONFIG)")
+    group.add_argument("--cpu-replicas", type=_positive_int, default=None, metavar="N",
+                       help="split the CPU into N logical devices (mirrored runs on a CPU)")
+    group.add_argument("--jit", action="store_true",
+                       help="compile the steps with XLA (on a CPU only with --strategy "
+                            "default: TensorFlow has no XLA collectives there)")
+    group.add_argument("--mixed-precision", action="store_true",
+                       help="mixed_float16 policy with loss scaling")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parses `argv` with the preset's values as defaults; returns `(parser, namespace)`."""
+    parser = build_parser()
+    preliminary, _ = parser.parse_known_args(argv)
+    if preliminary.preset:
+        parser.set_defaults(**{key: (_eval_modes(value) if key == "eval" else value)
+                               for key, value in PRESETS[preliminary.preset].items()})
+    return parser, parser.parse_args(argv)
+
+
+def to_config(args):
+    """The `RunConfig` of parsed arguments (sizes and batch size not yet data-dependent)."""
+    from recipes.training import RunConfig
+
+    if args.data and args.dataset:
+        raise ValueError("give either --data or --dataset, not both")
+    output = args.output or os.path.join(
+        "runs", "cifar", f"{args.model}-{args.norm}-{args.placement}-seed{args.seed}")
+    return RunConfig(
+        model=args.model, norm=args.norm, norm_kwargs=args.norm_kwargs,
+        placement=args.placement, other_norm=args.other_norm,
+        source=args.data or args.dataset,
+        train_size=None if args.train_size in ("all", None) else args.train_size,
+        test_size=None if args.test_size == "all" else args.test_size,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        batch_structure=args.batch_structure, examples_per_class=args.examples_per_class,
+        augment=args.augment, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, seed=args.seed, eval_modes=args.eval,
+        recompute_steps=args.recompute_steps, strategy=args.strategy,
+        cpu_replicas=args.cpu_replicas, jit=args.jit, mixed_precision=args.mixed_precision,
+        output=output, verbose=args.verbose, stop_after_epochs=args.stop_after_epochs)
+
+
+def _check_norms(config):
+    """Unknown names and bad layer arguments fail here, before any data is loaded."""
+    import keras_norm
+    from recipes import models
+
+    models.check_placement(config.model, config.placement)
+    for name, kwargs in ((config.norm, config.norm_kwargs), (config.other_norm, {})):
+        if name is None:
+            continue
+        spec = keras_norm.spec(name)
+        if spec.kind == "conv_wrapper":
+            import keras
+
+            kwargs = {"layer": keras.layers.Conv2D(16, 3), **kwargs}
+        spec.build(channels=16, **kwargs)
+
+
+def prepare(argv=None):
+    """Parses and checks everything that can be wrong before training.
+
+    Returns `(config, data, (strategy, is_chief, worker_id))`; raises `ConfigError`.
+    """
+    from recipes import training
+
+    _, args = parse_args(argv)
+    try:
+        config = to_config(args)
+    except ValueError as err:
+        raise training.ConfigError(str(err)) from None
+    if config.cpu_replicas:
+        training.configure_cpu_replicas(config.cpu_replicas)
+    # Multi-worker collectives need the strategy before TensorFlow runs anything else.
+    strategy, is_chief, worker_id = training.create_strategy(config.strategy, config.jit)
+    try:
+        _check_norms(config)
+    except (ValueError, TypeError) as err:
+        raise training.ConfigError(str(err).splitlines()[0]) from None
+    data = training.load_images(config.source)
+    if args.train_size is None and len(data.y_train) > DEFAULT_TRAIN_SIZE:
+        config.train_size = DEFAULT_TRAIN_SIZE
+    data = training.shrink(data, config)
+    if config.batch_size is None:
+        k = config.examples_per_class or 1
+        config.batch_size = (k * data.num_classes if config.batch_structure == "balanced"
+                             else training.REFERENCE_BATCH_SIZE)
+    training.validate(config, data.num_classes)
+    if config.eval_modes != ("auto",):
+        training.resolve_eval_modes(config, batch_dependent=True)
+    try:  # What only the input shapes reveal, e.g. more groups than a layer has channels.
+        training.build_model(config, data)
+    except (ValueError, TypeError) as err:
+        raise training.ConfigError(str(err).splitlines()[0]) from None
+    if args.overwrite and is_chief:
+        training.clear_outputs(config.output)
+    return config, data, (strategy, is_chief, worker_id)
+
+
+def main(argv=None):
+    """Runs the command line; returns the exit status (0 done, 2 bad arguments or data)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from recipes import report, training
+
+    try:
+        config, data, (strategy, is_chief, worker_id) = prepare(argv)
+        if config.verbose and is_chief:
+            print(f"Data: {data!r}", flush=True)
+        results, target = training.train(config, data, strategy, is_chief, worker_id)
+    except training.ConfigError as err:
+        print(f"python -m recipes.cifar: error: {err}", file=sys.stderr)
+        return 2
+    if is_chief:
+        paths = report.write(results, target)
+        if config.verbose:
+            print(report.summary(results, paths), flush=True)
+    else:
+        (target / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,597 @@
+"""Which normalization for my batch size? A KerasTuner search: `python -m recipes.tune`.
+
+The command line only: argument parsing, the `--quick` preset, checks, resume bookkeeping and
+the printed summary. The search itself (hypermodel, oracles, tuners, results table and plot)
+is `recipes.tuning`; data, models and the optimizer recipe are shared with `recipes.cifar`
+(`recipes.datasets`, `recipes.models`, `recipes.training`).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from recipes.cifar import (DEFAULT_TRAIN_SIZE, _non_negative_float, _Parser, _positive_float,
+                           _positive_int, _size)
+
+PROG = "python -m recipes.tune"
+DEFAULT_NORMS = ("batch", "group")
+DEFAULT_BATCH_SIZES = (2, 8, 32, 128)
+DEFAULT_VAL_SIZE = 2000
+DEFAULT_EPOCHS = 5
+SEARCH_CONFIG_NAME = "search_config.json"
+#: Settings a resumed search must keep (the others, such as --max-trials, may change).
+RESUME_KEYS = ("tuner", "norms", "batch_sizes", "models", "placements", "lrs", "norm_kwargs",
+               "epochs", "source", "train_size", "val_size", "augment", "optimizer",
+               "weight_decay", "schedule", "warmup_epochs", "seed", "initial_points",
+               "hyperband_factor")
+
+#: `--quick`: a few hundred images, 1 epoch, every pair of 2 norms x 2 batch sizes.
+QUICK = dict(tuner="grid", norms="batch,group", batch_sizes="2,32", epochs=1, train_size=400,
+             val_size=200)
+
+DESCRIPTION = f"""\
+Search normalization type x batch size (and optionally model, placement, learning rate) with
+KerasTuner, on the models and data of `python -m recipes.cifar`.
+
+Each trial builds the model with the trial's norm (build), then trains it at the trial's batch
+size (fit), with the learning rate scaled linearly from its value at batch 128 and a cosine
+schedule over the trial's epochs, and scores it by the best validation accuracy over its
+epochs. Validation images are held out of the training split (class-stratified, never the
+test split). At the end it writes OUTPUT/results.csv and OUTPUT/results.md (one row per trial)
+and OUTPUT/accuracy_vs_batch_size.png (validation accuracy vs batch size, one line per norm),
+and prints the best configuration.
+
+With no arguments: random search, 10 trials of {DEFAULT_EPOCHS} epochs, norms \
+{",".join(DEFAULT_NORMS)} x batch sizes
+{",".join(map(str, DEFAULT_BATCH_SIZES))}, small_cnn, \
+{DEFAULT_TRAIN_SIZE:,} training + {DEFAULT_VAL_SIZE:,} validation images of the local CIFAR-10.
+A GPU is used when present; --strategy mirrored uses all of a machine's GPUs in each trial.
+"""
+
+EPILOG = """\
+examples:
+  python -m recipes.tune --quick                         # 2 norms x 2 batch sizes, minutes on CPU
+  python -m recipes.tune --grid --norms batch,group,layer --batch-sizes 2,8,32,128 --epochs 10
+  python -m recipes.tune --tuner bayesian --max-trials 20 --lrs 0.025,0.05,0.1,0.2
+  python -m recipes.tune --tuner hyperband --epochs 27 --norms batch,group,frn,evonorm_s0
+  python -m recipes.tune --grid --norms sync_batch,group --strategy mirrored   # all GPUs
+
+tuners:
+  random     random combinations, never the same one twice; --max-trials (default 10)
+  bayesian   Gaussian-process Bayesian optimization after --initial-points random trials;
+             never proposes a combination already tried; --max-trials (default 10)
+  hyperband  successive halving (Li et al. 2018): --epochs is the most epochs a model gets,
+             --hyperband-factor the reduction factor; the number of trials follows from those,
+             the size of the search space and --hyperband-iterations (KerasTuner's Hyperband
+             has no max_trials), and is printed at the start; --max-trials, if given, caps it
+             (the last bracket may then be cut short). Each bracket tries a combination at
+             most once in its first round; brackets (different budgets) may repeat one
+  grid       (--grid) every combination exactly once, in order; --max-trials caps it
+
+resuming: run the same command again (same --output) to continue a stopped or killed search;
+finished trials are never run again, an interrupted one is rerun first. --max-trials and
+--hyperband-iterations may be raised on resume; other search settings may not (use another
+--output, or --overwrite to start again).
+
+exit status: 0 done, 2 bad arguments or data (one line on stderr), 130 interrupted,
+1 other failures.
+"""
+
+
+# ------------------------------------------------------------------------------ arguments
+def _items(text):
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _unique(values):
+    return list(dict.fromkeys(values))
+
+
+def _norm_list(text):
+    """Registered names (canonical form), or "none"."""
+    import keras_norm
+
+    names = []
+    for item in _items(text):
+        try:
+            names.append(keras_norm.spec(item).name)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return _unique(names)
+
+
+def _batch_size_list(text):
+    sizes = []
+    for item in _items(text):
+        try:
+            sizes.append(_positive_int(item))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"batch sizes must be positive integers, got {item!r} in {text!r}") from None
+    return sorted(set(sizes))
+
+
+def _lr_list(text):
+    rates = []
+    for item in _items(text):
+        try:
+            rates.append(_positive_float(item))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"learning rates must be numbers > 0, got {item!r} in {text!r}") from None
+    return sorted(set(rates))
+
+
+def _model_list(text):
+    from recipes.models import MODELS
+
+    names = _items(text)
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    return _unique(names)
+
+
+def _placement(text):
+    from recipes import models
+
+    try:
+        models.canonical_placement(text)
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text.strip().lower()
+
+
+def _norm_kwargs(text):
+    """A JSON object mapping norm names to their constructor arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object of objects, e.g. '{{\"group\": {{\"groups\": 8}}}}', "
+            f"got {text!r}")
+    return value
+
+
+def build_parser():
+    import keras_norm
+    from recipes.models import MODELS
+    from recipes.training import OPTIMIZERS, SCHEDULES
+    from recipes.tuning import TUNERS
+
+    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a few minutes on a CPU: grid of norms {QUICK['norms']} x batch "
+                             f"sizes {QUICK['batch_sizes']}, {QUICK['epochs']} epoch, "
+                             f"{QUICK['train_size']} training + {QUICK['val_size']} validation "
+                             "images (of the small shared copy when no --data); explicit "
+                             "flags override it")
+
+    group = parser.add_argument_group("search")
+    group.add_argument("--tuner", choices=TUNERS, default=None,
+                       help="random (default), bayesian, hyperband, or grid (= --grid)")
+    group.add_argument("--grid", action="store_true",
+                       help="every combination of the search space exactly once")
+    group.add_argument("--max-trials", type=_positive_int, default=None, metavar="N",
+                       help="trials at most. Default: 10 (random, bayesian), the whole grid "
+                            "(grid), Hyperband's own plan (hyperband)")
+    group.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+                       help=f"epochs per trial (hyperband: at most). Default: {DEFAULT_EPOCHS}")
+    group.add_argument("--initial-points", type=_positive_int, default=None, metavar="N",
+                       help="bayesian: random trials before the Gaussian process. Default: "
+                            "3 x the number of tuned hyperparameters")
+    group.add_argument("--hyperband-factor", type=_positive_int, default=3, metavar="F",
+                       help="hyperband: reduction factor (>= 2). Default: 3")
+    group.add_argument("--hyperband-iterations", type=_positive_int, default=1, metavar="N",
+                       help="hyperband: iterations of the whole algorithm. Default: 1")
+
+    group = parser.add_argument_group("search space (comma-separated lists)")
+    group.add_argument("--norms", type=_norm_list, default=None, metavar="LIST",
+                       help=f"registered norms: {', '.join(keras_norm.available())}, or none. "
+                            f"Default: {','.join(DEFAULT_NORMS)}")
+    group.add_argument("--batch-sizes", type=_batch_size_list, default=None, metavar="LIST",
+                       help="global batch sizes. Default: "
+                            f"{','.join(map(str, DEFAULT_BATCH_SIZES))}")
+    group.add_argument("--lrs", type=_lr_list, default=[0.1], metavar="LIST",
+                       help="learning rates at batch 128 (scaled linearly with the batch "
+                            "size). Default: 0.1")
+    group.add_argument("--models", type=_model_list, default=["small_cnn"], metavar="LIST",
+                       help=f"models: {', '.join(MODELS)}. Default: small_cnn")
+    group.add_argument("--placements", type=_placement, nargs="+", default=["all"],
+                       metavar="P",
+                       help="norm placements, space-separated: all, first, none, or 1-based "
+                            "positions such as 2 or 1,3. Default: all")
+    group.add_argument("--norm-kwargs", type=_norm_kwargs, default={}, metavar="JSON",
+                       help="constructor arguments per norm: '{\"group\": {\"groups\": 8}}'")
+
+    group = parser.add_argument_group("data (as recipes.cifar)")
+    group.add_argument("--data", metavar="PATH",
+                       help="class-folder tree (train/<class>/*.jpg, test/<class>/*.jpg), a "
+                            ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
+    group.add_argument("--dataset", choices=("cifar10", "cifar100"),
+                       help="a TFDS data set already prepared on this machine")
+    group.add_argument("--train-size", type=_size, default=None, metavar="N",
+                       help=f"training images (class-balanced); 'all' for all the training "
+                            f"split but the validation images. Default: {DEFAULT_TRAIN_SIZE:,} "
+                            "(fewer if the split is smaller)")
+    group.add_argument("--val-size", type=_positive_int, default=None, metavar="N",
+                       help=f"validation images held out of the training split. Default: "
+                            f"{DEFAULT_VAL_SIZE:,}, at most a fifth of the split")
+    group.add_argument("--no-augment", dest="augment", action="store_false",
+                       help="turn off the random crop and flip")
+
+    group = parser.add_argument_group("optimization (as recipes.cifar)")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                       help="sgd (momentum 0.9, default) or adamw")
+    group.add_argument("--weight-decay", type=_non_negative_float, default=5e-4,
+                       help="decoupled weight decay of conv and dense kernels. Default: 5e-4")
+    group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                       help="cosine decay to 0 over each trial (default) or constant")
+    group.add_argument("--warmup-epochs", type=_non_negative_float, default=0.0,
+                       help="linear warm-up epochs. Default: 0")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the data split, initialization, data order and the "
+                            "tuner. Default: 0")
+
+    group = parser.add_argument_group("output and hardware")
+    group.add_argument("--output", metavar="DIR",
+                       help="output folder (tuner state, results). Default: runs/tune/<tuner>, "
+                            "or runs/tune/quick with --quick")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete the search in --output and start again")
+    group.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                       help="0 silent, 1 KerasTuner's trial tables and progress bars (default), "
+                            "2 one line per epoch")
+    group.add_argument("--strategy", choices=("default", "mirrored"), default="default",
+                       help="default (one device) or mirrored (every trial on all local GPUs, "
+                            "or the logical CPUs of --cpu-replicas)")
+    group.add_argument("--cpu-replicas", type=_positive_int, default=None, metavar="N",
+                       help="split the CPU into N logical devices (mirrored runs on a CPU)")
+    # Testing aids: stop cleanly after N trials of this process; simulate Ctrl-C at the start
+    # of this process's N-th trial.
+    parser.add_argument("--stop-after-trials", type=_positive_int, default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--interrupt-trial", type=_positive_int, default=None,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None):
+    """Parses `argv`, with the `--quick` values as defaults when it is given."""
+    parser = build_parser()
+    preliminary, _ = parser.parse_known_args(argv)
+    if preliminary.quick:
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+    # set_defaults values are strings: run them through their types.
+    if isinstance(args.norms, str):
+        args.norms = _norm_list(args.norms)
+    if isinstance(args.batch_sizes, str):
+        args.batch_sizes = _batch_size_list(args.batch_sizes)
+    if args.norms is None:
+        args.norms = list(DEFAULT_NORMS)
+    if args.batch_sizes is None:
+        args.batch_sizes = list(DEFAULT_BATCH_SIZES)
+    if args.grid:
+        if args.tuner not in (None, "grid"):
+            parser.error(f"--grid and --tuner {args.tuner} exclude each other")
+        args.tuner = "grid"
+    args.tuner = args.tuner or "random"
+    if args.hyperband_factor < 2:
+        parser.error(f"--hyperband-factor must be at least 2, got {args.hyperband_factor}")
+    if args.data and args.dataset:
+        parser.error("give either --data or --dataset, not both")
+    unknown = sorted(set(args.norm_kwargs) - set(args.norms))
+    if unknown:
+        parser.error(f"--norm-kwargs names norms not searched: {unknown} (--norms "
+                     f"{','.join(args.norms)})")
+    args.placements = _unique(args.placements)
+    if args.output is None:
+        args.output = os.path.join("runs", "tune", "quick" if args.quick else args.tuner)
+    return args
+
+
+# ------------------------------------------------------------------------------ checks
+def _check_norms(args):
+    """Builds one layer of every norm, so that bad arguments fail before any data is read."""
+    import keras
+    import keras_norm
+
+    for name in args.norms:
+        spec = keras_norm.spec(name)
+        kwargs = dict(args.norm_kwargs.get(name, {}))
+        if spec.kind == "conv_wrapper":
+            kwargs = {"layer": keras.layers.Conv2D(16, 3), **kwargs}
+        try:
+            spec.build(channels=16, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise _config_error(f"norm {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def _check_models(args, data):
+    """Builds every model x norm x placement once (no training): shape-dependent errors, such
+    as a group count that does not divide a layer's channels or a placement position the
+    model lacks, fail here in one line rather than in the middle of the search."""
+    import keras
+
+    from recipes import models
+
+    for model, norm, placement in itertools.product(args.models, args.norms, args.placements):
+        try:
+            models.build_model(model, norm=norm, norm_kwargs=args.norm_kwargs.get(norm),
+                               placement=placement, num_classes=data.num_classes,
+                               input_shape=data.image_shape)
+        except (ValueError, TypeError) as err:
+            raise _config_error(f"{model} with norm {norm!r}, placement {placement!r}: "
+                                f"{str(err).splitlines()[0]}") from None
+    keras.backend.clear_session(free_memory=False)
+
+
+def _config_error(message):
+    from recipes.training import ConfigError
+
+    return ConfigError(message)
+
+
+def split_validation(data, train_size, val_size, seed):
+    """Class-stratified, disjoint training and validation sets from the training split.
+
+    Args:
+        data: A `recipes.datasets.ImageData`.
+        train_size: Training images, or None for all but the validation ones.
+        val_size: Validation images.
+        seed: Seed of the split.
+
+    Returns:
+        `(x_train, y_train, x_val, y_val)` uint8 / int32 arrays (original order kept).
+    """
+    from recipes import datasets
+
+    available = len(data.y_train)
+    total = (train_size or available - val_size) + val_size
+    if val_size >= available or total > available:
+        raise _config_error(
+            f"--train-size {train_size or 'all'} + --val-size {val_size} need more than the "
+            f"{available} images of the training split")
+    pool = datasets.subset(data, train_size=total, seed=seed) if total < available else data
+    x, y = pool.x_train, pool.y_train
+    rng = np.random.default_rng([int(seed), 7])
+    order = rng.permutation(len(y))
+    # Interleave the classes (rank within class / class size), so that any prefix of `order`
+    # is class-balanced, and take the validation images from the front.
+    rank = np.empty(len(y))
+    shuffled = y[order]
+    for label in np.unique(shuffled):
+        where = np.flatnonzero(shuffled == label)
+        rank[where] = (np.arange(len(where)) + 0.5) / len(where)
+    order = order[np.argsort(rank, kind="stable")]
+    val, train = np.sort(order[:val_size]), np.sort(order[val_size:])
+    return x[train], y[train], x[val], y[val]
+
+
+def _default_sizes(args, available):
+    val_size = args.val_size or min(DEFAULT_VAL_SIZE, available // 5)
+    if args.train_size == "all":
+        train_size = None
+    elif args.train_size is None:
+        train_size = min(DEFAULT_TRAIN_SIZE, available - val_size)
+    else:
+        train_size = args.train_size
+    return train_size, val_size
+
+
+def _search_config(args, source, train_size, val_size):
+    return {"tuner": args.tuner, "norms": args.norms, "batch_sizes": args.batch_sizes,
+            "models": args.models, "placements": args.placements, "lrs": args.lrs,
+            "norm_kwargs": args.norm_kwargs, "epochs": args.epochs, "source": source,
+            "train_size": train_size, "val_size": val_size, "augment": args.augment,
+            "optimizer": args.optimizer, "weight_decay": args.weight_decay,
+            "schedule": args.schedule, "warmup_epochs": args.warmup_epochs, "seed": args.seed,
+            "initial_points": args.initial_points, "hyperband_factor": args.hyperband_factor,
+            "max_trials": args.max_trials, "hyperband_iterations": args.hyperband_iterations,
+            "strategy": args.strategy}
+
+
+def check_resumable(output, config):
+    """Refuses to continue a search in `output` that was started with other settings."""
+    path = Path(output) / SEARCH_CONFIG_NAME
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [key for key in RESUME_KEYS if saved.get(key) != config.get(key)]
+        if changed:
+            details = "; ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}"
+                                for key in changed)
+            raise _config_error(f"{output} holds a search with other settings ({details}); use "
+                                "another --output, or --overwrite to start again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def clear_outputs(output):
+    """Deletes what a search wrote into `output` (tuner state, results), nothing else."""
+    import shutil
+
+    root = Path(output)
+    shutil.rmtree(root / "search", ignore_errors=True)
+    for name in (SEARCH_CONFIG_NAME, "results.csv", "results.md", "accuracy_vs_batch_size.png"):
+        (root / name).unlink(missing_ok=True)
+
+
+def _configure_cpu_replicas(count):
+    """`recipes.training.configure_cpu_replicas`, accepting a runtime already split so."""
+    import tensorflow as tf
+
+    from recipes import training
+
+    try:
+        training.configure_cpu_replicas(count)
+    except training.ConfigError:
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise
+
+
+def prepare(argv=None):
+    """Parses and checks everything before the search; raises `ConfigError`.
+
+    Returns:
+        A dict with `args`, the data arrays, the hypermodel's settings and the strategy.
+    """
+    from recipes import datasets, training
+
+    args = parse_args(argv)
+    if args.cpu_replicas:
+        _configure_cpu_replicas(args.cpu_replicas)
+    strategy, _, _ = training.create_strategy(args.strategy)
+    replicas = strategy.num_replicas_in_sync
+    _check_norms(args)
+    source = args.data or args.dataset
+    try:
+        data = datasets.load_data(source, small=args.quick)
+    except (ValueError, OSError) as err:
+        raise training.ConfigError(str(err).splitlines()[0]) from None
+    _check_models(args, data)
+    train_size, val_size = _default_sizes(args, len(data.y_train))
+    x_train, y_train, x_val, y_val = split_validation(data, train_size, val_size, args.seed)
+    too_big = [size for size in args.batch_sizes if size > len(y_train)]
+    if too_big:
+        raise training.ConfigError(f"--batch-sizes {too_big} exceed the {len(y_train)} "
+                                   "training images (an epoch would hold no batch)")
+    uneven = [size for size in args.batch_sizes if size % replicas]
+    if uneven:
+        raise training.ConfigError(f"--batch-sizes {uneven} do not split evenly over the "
+                                   f"{replicas} replicas of --strategy {args.strategy}")
+    config = _search_config(args, data.source if source is None else str(source),
+                            len(y_train), len(y_val))
+    if args.overwrite:
+        clear_outputs(args.output)
+    check_resumable(args.output, config)
+    return {"args": args, "config": config, "data": data,
+            "arrays": (x_train, y_train, x_val, y_val),
+            "strategy": strategy if args.strategy != "default" else None}
+
+
+# ------------------------------------------------------------------------------ running
+def build_tuner(setup):
+    """The hypermodel and tuner of a prepared command line."""
+    from recipes import tuning
+
+    args, data = setup["args"], setup["data"]
+    hypermodel = tuning.NormBatchHyperModel(
+        norms=args.norms, batch_sizes=args.batch_sizes, num_classes=data.num_classes,
+        input_shape=data.image_shape, model_names=args.models, placements=args.placements,
+        learning_rates=args.lrs, norm_kwargs=args.norm_kwargs, epochs=args.epochs,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, augment=args.augment, seed=args.seed)
+    # KerasTuner treats seed 0 as "no seed".
+    return tuning.make_tuner(
+        args.tuner, hypermodel, directory=args.output, max_trials=args.max_trials,
+        epochs=args.epochs, seed=args.seed + 1, distribution_strategy=setup["strategy"],
+        num_initial_points=args.initial_points, hyperband_factor=args.hyperband_factor,
+        hyperband_iterations=args.hyperband_iterations,
+        stop_after_trials=args.stop_after_trials, interrupt_trial=args.interrupt_trial)
+
+
+def _plan(tuner, args):
+    from recipes import tuning
+
+    done = sum(trial.status == "COMPLETED" for trial in tuner.oracle.trials.values())
+    size = tuning.grid_size(tuner.hypermodel)
+    if args.tuner == "hyperband":
+        brackets, per_iteration = tuning.hyperband_plan(tuner.oracle)
+        total = per_iteration * args.hyperband_iterations
+        cap = f", capped at {args.max_trials} by --max-trials" if args.max_trials else ""
+        budget = (f"Hyperband: {brackets} bracket(s), {per_iteration} trial(s) per iteration x "
+                  f"{args.hyperband_iterations} iteration(s) = {total} trial(s){cap}")
+    else:
+        budget = f"{args.tuner} search, at most {tuner.oracle.max_trials} trial(s)"
+    return (f"{budget}; search space of {size} combination(s); {done} trial(s) already "
+            f"done in {args.output}")
+
+
+def _settings(setup):
+    config, args = setup["config"], setup["args"]
+    lrs = ", ".join(f"{lr:g}" for lr in config["lrs"])
+    return {
+        "tuner": config["tuner"] + (f" (max trials {args.max_trials})" if args.max_trials
+                                    else ""),
+        "norms": ", ".join(config["norms"]),
+        "batch sizes": ", ".join(map(str, config["batch_sizes"])),
+        "models / placements": f"{', '.join(config['models'])} / "
+                               f"{', '.join(config['placements'])}",
+        "learning rate": f"{lrs} at batch 128, x batch / 128; {config['optimizer']}, "
+                         f"{config['schedule']} schedule, weight decay "
+                         f"{config['weight_decay']:g}",
+        "epochs per trial": str(config["epochs"]) + (" (at most)" if config["tuner"] ==
+                                                      "hyperband" else ""),
+        "data": f"{config['source']}: {config['train_size']:,} training + "
+                f"{config['val_size']:,} validation images (held out of the training split), "
+                f"augmentation {'on' if config['augment'] else 'off'}",
+        "strategy": args.strategy,
+    }
+
+
+def main(argv=None):
+    """Runs the command line; returns the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from recipes import training, tuning
+
+    try:
+        setup = prepare(argv)
+    except training.ConfigError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    args = setup["args"]
+    tuner = build_tuner(setup)
+    if args.verbose:
+        print(_plan(tuner, args), flush=True)
+    x_train, y_train, x_val, y_val = setup["arrays"]
+    status, note = 0, None
+    try:
+        tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,
+                     verbose=args.verbose)
+    except tuning.StopSearch as stop:
+        note = f"{stop} as asked; run the same command again to continue."
+    except KeyboardInterrupt:
+        status, note = 130, "Interrupted; run the same command again to continue."
+    except RuntimeError as err:  # e.g. KerasTuner's "too many consecutive failed trials"
+        status, note = 1, f"Search failed: {str(err).splitlines()[0]}"
+    rows = tuning.trial_rows(tuner)
+    paths = tuning.write_results(rows, args.output, settings=_settings(setup))
+    best = tuning.best_row(rows)
+    print(summary(rows, best, paths, note), flush=True)
+    return status
+
+
+def summary(rows, best, paths, note=None):
+    """The lines printed at the end."""
+    from recipes import tuning
+
+    done = sum(row["status"] == "COMPLETED" for row in rows)
+    lines = [f"{len(rows)} trial(s), {done} completed."]
+    failed = [row for row in rows if row["status"] in ("FAILED", "INVALID")]
+    if failed:
+        lines.append("Failed: " + ", ".join(f"trial {row['trial']} ({row['norm']}, batch "
+                                            f"{row['batch_size']})" for row in failed))
+    if note:
+        lines.append(note)
+    if best is not None:
+        lines.append(f"Best: {tuning.describe(best)}")
+    lines.append(f"Results: {paths['markdown']} ({paths['csv'].name}, {paths['plot'].name} "
+                 "beside it)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Tests for `python -m recipes.tune` (recipes/tune.py, recipes/tuning.py).
+
+End to end on the shared cifar10-small.npz, kept tiny (around a hundred images, the smallest
+model, 1-2 epochs): the quick grid search, resuming every tuner after a clean stop or an
+interruption, a mirrored-strategy trial, the hypermodel's own contract, and the one-line
+errors with exit status 2.
+"""
+
+import csv
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+# `recipes` is not installed: it is imported from the project root, whatever the working folder.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+import keras  # noqa: E402
+import keras_tuner as kt  # noqa: E402
+
+from recipes import tune, tuning  # noqa: E402
+
+SMALL_NPZ = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-small.npz"
+TINY = ["--data", str(SMALL_NPZ), "--train-size", "64", "--val-size", "32", "--epochs", "1",
+        "--verbose", "0"]
+
+
+def run(argv):
+    """The exit status of `python -m recipes.tune argv`, run in this process."""
+    try:
+        return tune.main([str(arg) for arg in argv])
+    except SystemExit as exit_:  # argparse errors
+        return exit_.code
+
+
+def read_rows(output):
+    with open(Path(output) / "results.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def trial_files(output):
+    """{trial id: trial.json text} of the tuner's project."""
+    return {path.parent.name: path.read_text()
+            for path in sorted((Path(output) / "search").glob("trial_*/trial.json"))}
+
+
+def pairs(rows):
+    return [(row["norm"], int(row["batch_size"])) for row in rows]
+
+
+def assert_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 200 and height > 200
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_quick_search_tries_every_pair_and_writes_results(tmp_path, capsys):
+    output = tmp_path / "quick"
+    argv = ["--quick", "--output", output, *TINY]
+    assert run(argv) == 0
+    printed = capsys.readouterr().out
+
+    rows = read_rows(output)
+    expected = {(norm, size) for norm in ("batch", "group") for size in (2, 32)}
+    assert sorted(pairs(rows)) == sorted(expected)  # every pair, exactly once
+    for row in rows:
+        size = int(row["batch_size"])
+        assert row["status"] == "COMPLETED"
+        assert int(row["epochs"]) == 1
+        assert int(row["steps"]) == 64 // size  # the trial's own batch size
+        assert float(row["learning_rate"]) == pytest.approx(0.1 * size / 128)
+        assert 0.0 <= float(row["val_accuracy"]) <= 1.0
+        assert float(row["seconds"]) > 0
+    table = (output / "results.md").read_text()
+    for norm, size in expected:
+        assert f"| {norm} | {size} | small_cnn |" in table
+    assert "accuracy_vs_batch_size.png" in table
+    assert_png(output / "accuracy_vs_batch_size.png")
+    best = max(rows, key=lambda row: float(row["val_accuracy"]))
+    assert f"Best: norm={best['norm']}, batch_size={best['batch_size']}" in printed
+
+    # The same command again: the finished search stays finished (no new trial).
+    before = trial_files(output)
+    assert run(argv) == 0
+    assert trial_files(output) == before
+    # Other search settings in the same folder are refused, in one line.
+    capsys.readouterr()
+    assert run(["--quick", "--output", output, *TINY, "--norms", "batch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a search with other settings" in err[0]
+
+
+# ------------------------------------------------------------------------------ resuming
+def test_grid_resumes_an_interrupted_trial_without_repeating(tmp_path):
+    # KerasTuner 1.4.8's own GridSearch fails here (KeyError in populate_space on reload).
+    output = tmp_path / "grid"
+    argv = ["--grid", "--norms", "group", "--batch-sizes", "4,16", "--output", output, *TINY]
+    assert run([*argv, "--interrupt-trial", "2"]) == 130  # Ctrl-C as trial 2 starts
+    first = trial_files(output)
+    assert sorted(first) == ["trial_0", "trial_1"]
+    assert json.loads(first["trial_0"])["status"] == "COMPLETED"
+    assert json.loads(first["trial_1"])["status"] == "RUNNING"
+    assert [row["status"] for row in read_rows(output)] == ["COMPLETED", "RUNNING"]
+
+    assert run(argv) == 0
+    rows = read_rows(output)
+    # Grid order; the interrupted trial 1 was rerun under its own id, trial 0 was not rerun.
+    assert [row["trial"] for row in rows] == ["0", "1"]
+    assert all(row["status"] == "COMPLETED" for row in rows)
+    assert pairs(rows) == [("group", 4), ("group", 16)]
+    assert trial_files(output)["trial_0"] == first["trial_0"]
+
+
+@pytest.mark.parametrize("tuner, extra, total", [
+    ("random", ["--max-trials", "2"], 2),
+    ("bayesian", ["--max-trials", "2", "--initial-points", "1"], 2),  # trial 1: the GP's
+    ("hyperband", ["--epochs", "2", "--hyperband-factor", "2", "--max-trials", "3"], 3),
+])
+def test_resume_after_a_stop_completes_the_rest(tmp_path, tuner, extra, total):
+    output = tmp_path / tuner
+    argv = ["--tuner", tuner, "--norms", "batch,group", "--batch-sizes", "4,16",
+            "--output", output, *TINY, *extra]
+    assert run([*argv, "--stop-after-trials", "1"]) == 0
+    first = trial_files(output)
+    assert list(first) == ["trial_0"]
+    assert json.loads(first["trial_0"])["status"] == "COMPLETED"
+
+    assert run(argv) == 0
+    rows = read_rows(output)
+    assert len(rows) == total and all(row["status"] == "COMPLETED" for row in rows)
+    assert trial_files(output)["trial_0"] == first["trial_0"]  # not run again
+    trials = [json.loads(text) for text in trial_files(output).values()]
+    values = [trial["hyperparameters"]["values"] for trial in trials]
+    fresh = [pair for pair, v in zip(pairs(rows), values) if "tuner/trial_id" not in v]
+    assert len(set(fresh)) == len(fresh)  # no combination started twice
+    if tuner == "hyperband":
+        # Trials 0 and 1 train 1 epoch; trial 2 continues the better one to epoch 2.
+        assert [int(row["epochs"]) for row in rows] == [1, 1, 2]
+        scores = [float(row["val_accuracy"]) for row in rows[:2]]
+        assert values[2]["tuner/trial_id"] == str(int(np.argmax(scores)))
+        assert values[2]["tuner/initial_epoch"] == 1
+        assert int(rows[2]["steps"]) == 64 // int(rows[2]["batch_size"])  # epoch 2 only
+
+
+def test_mirrored_strategy_trains_each_trial_on_all_replicas(tmp_path):
+    output = tmp_path / "mirrored"
+    assert run(["--strategy", "mirrored", "--norms", "sync_batch", "--batch-sizes", "8",
+                "--max-trials", "1", "--output", output, *TINY]) == 0
+    (row,) = read_rows(output)
+    assert row["status"] == "COMPLETED" and row["norm"] == "sync_batch"
+    assert int(row["replicas"]) == len(tf.config.list_logical_devices("CPU")) == 2
+    assert int(row["steps"]) == 64 // 8
+
+
+# ------------------------------------------------------------------------------ hypermodel
+def test_hypermodel_batches_unbatched_data_at_the_trial_batch_size():
+    images = tf.random.stateless_normal((40, 32, 32, 3), seed=(1, 2))
+    labels = tf.range(40) % 10
+    train = tf.data.Dataset.from_tensor_slices((images, labels))
+    hypermodel = tuning.NormBatchHyperModel(norms=["group"], batch_sizes=[4, 8],
+                                            num_classes=10, epochs=1)
+    hp = kt.HyperParameters()
+    hypermodel.declare_hyperparameters(hp)
+    hp.values["batch_size"] = 8
+    model = hypermodel.build(hp)
+
+    class CountBatches(keras.callbacks.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            CountBatches.batches += 1
+
+    metrics = hypermodel.fit(hp, model, train, validation_data=train, verbose=0,
+                             callbacks=[CountBatches()])
+    assert CountBatches.batches == 40 // 8  # the tuner's callbacks ran, at batch size 8
+    assert metrics["steps"] == 5 and metrics["learning_rate"] == pytest.approx(0.1 * 8 / 128)
+    assert set(metrics) >= {"val_accuracy", "seconds", "replicas"}
+
+    with pytest.raises(ValueError, match="must be unbatched"):
+        hypermodel.fit(hp, model, train.batch(8), validation_data=train, verbose=0)
+    with pytest.raises(TypeError, match="`batch_size` is a hyperparameter"):
+        hypermodel.fit(hp, model, train, validation_data=train, batch_size=8)
+    with pytest.raises(ValueError, match="`validation_data` is required"):
+        hypermodel.fit(hp, model, train)
+
+
+def test_grid_oracle_order_and_size():
+    hp = kt.HyperParameters()
+    hp.Choice("norm", ["batch", "group"])
+    hp.Choice("batch_size", [2, 8, 32])
+    hp.Fixed("lr", 0.1)
+    oracle = tuning.GridOracle(objective=kt.Objective("val_accuracy", "max"), hyperparameters=hp)
+    assert oracle.grid_size() == 6
+    combos = [(v["norm"], v["batch_size"], v["lr"]) for v in oracle._combinations()]
+    assert combos == [("batch", 2, 0.1), ("batch", 8, 0.1), ("batch", 32, 0.1),
+                      ("group", 2, 0.1), ("group", 8, 0.1), ("group", 32, 0.1)]
+    hp.Float("wd", 0.0, 1.0)
+    with pytest.raises(ValueError, match="no finite set of values"):
+        oracle.grid_size()
+
+
+def _drive(oracle, score):
+    """Runs `oracle` to the end with `score(values)` as every trial's result; returns the
+    trials' values in order."""
+    oracle.verbose = 0
+    seen = []
+    while True:
+        trial = oracle.create_trial("tuner0")
+        if trial.status == "STOPPED":
+            return seen
+        values = dict(trial.hyperparameters.values)
+        seen.append(values)
+        oracle.update_trial(trial.trial_id, {"val_accuracy": score(values)})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+
+
+def test_bayesian_oracle_never_proposes_a_tried_combination(tmp_path):
+    # KerasTuner's own oracle proposes the GP's optimum again and again on this space.
+    hp = kt.HyperParameters()
+    hp.Choice("norm", ["batch", "group"])
+    hp.Choice("batch_size", [2, 8])
+    oracle = tuning.BayesianOptimizationOracle(
+        objective=kt.Objective("val_accuracy", "max"), max_trials=8, num_initial_points=1,
+        hyperparameters=hp, seed=3)
+    oracle._set_project_dir(str(tmp_path), "p")
+    seen = [(v["norm"], v["batch_size"]) for v in _drive(
+        oracle, lambda v: 0.5 + 0.1 * (v["norm"] == "group") + 0.01 * v["batch_size"])]
+    assert sorted(seen) == [("batch", 2), ("batch", 8), ("group", 2), ("group", 8)]
+
+
+def test_hyperband_oracle_halves_successively_on_a_small_space(tmp_path):
+    # KerasTuner's own oracle wants 9 new configurations for the first bracket of
+    # max_epochs=9, finds only these 4, and stops after 4 one-epoch trials.
+    hp = kt.HyperParameters()
+    hp.Choice("norm", ["batch", "group"])
+    hp.Choice("batch_size", [2, 8])
+    oracle = tuning.HyperbandOracle(kt.Objective("val_accuracy", "max"), max_epochs=9,
+                                    factor=3, hyperparameters=hp, seed=5)
+    oracle._set_project_dir(str(tmp_path), "p")
+    assert tuning.hyperband_plan(oracle) == (3, 16)  # brackets of 4+2+1, 4+2 and 3 trials
+    seen = _drive(oracle, lambda v: 0.5 + 0.1 * (v["norm"] == "group") - 0.01 * v["batch_size"])
+    assert len(seen) == 16
+    epochs = [(v["tuner/bracket"], v["tuner/round"], v["tuner/epochs"]) for v in seen]
+    assert sorted(epochs) == sorted([(2, 0, 1)] * 4 + [(2, 1, 3)] * 2 + [(2, 2, 9)]
+                                    + [(1, 0, 3)] * 4 + [(1, 1, 9)] * 2 + [(0, 0, 9)] * 3)
+    for bracket in (2, 1, 0):
+        first = [(v["norm"], v["batch_size"]) for v in seen
+                 if v["tuner/bracket"] == bracket and v["tuner/round"] == 0]
+        assert len(set(first)) == len(first)  # no combination twice in a bracket's round 0
+    # Halving keeps the best: bracket 2's last round continues ("group", 2).
+    (last,) = [v for v in seen if (v["tuner/bracket"], v["tuner/round"]) == (2, 2)]
+    assert (last["norm"], last["batch_size"]) == ("group", 2) and "tuner/trial_id" in last
+
+
+def test_split_validation_is_disjoint_and_stratified():
+    from recipes import datasets
+
+    data = datasets.load_data(SMALL_NPZ)
+    x_train, y_train, x_val, y_val = tune.split_validation(data, 300, 100, seed=3)
+    assert len(y_train) == 300 and len(y_val) == 100
+    assert np.bincount(y_val, minlength=10).tolist() == [10] * 10
+    assert np.bincount(y_train, minlength=10).tolist() == [30] * 10
+    train_keys = {image.tobytes() for image in x_train}
+    assert not any(image.tobytes() in train_keys for image in x_val)
+
+
+# ------------------------------------------------------------------------------ bad arguments
+@pytest.mark.parametrize("argv, fragment", [
+    (["--norms", "batch,no_such_norm"], "Unknown normalization 'no_such_norm'"),
+    (["--tuner", "annealing"], "invalid choice: 'annealing'"),
+    (["--norms", ""], "expected a comma-separated list"),
+    (["--norms", " , "], "expected a comma-separated list"),
+    (["--batch-sizes", ""], "expected a comma-separated list"),
+    (["--batch-sizes", "8,0"], "batch sizes must be positive integers, got '0'"),
+    (["--batch-sizes", "-4"], "batch sizes must be positive integers, got '-4'"),
+    (["--batch-sizes", "8,x"], "batch sizes must be positive integers, got 'x'"),
+    (["--lrs", "0.1,-1"], "learning rates must be numbers > 0"),
+    (["--models", "vgg"], "unknown model(s) ['vgg']"),
+    (["--placements", "sideways"], "placement"),
+    (["--max-trials", "0"], "expected a positive integer"),
+    (["--grid", "--tuner", "bayesian"], "--grid and --tuner bayesian exclude each other"),
+    (["--tuner", "hyperband", "--hyperband-factor", "1"], "must be at least 2"),
+    (["--norm-kwargs", '{"group": {"groups": 8}}', "--norms", "batch"],
+     "names norms not searched"),
+    (["--norm-kwargs", '{"batch": {"no_such_argument": 1}}'], "norm 'batch'"),
+    (["--norms", "group", "--norm-kwargs", '{"group": {"groups": 5}}'],
+     "must be divisible by groups (5)"),
+    (["--placements", "all", "7"], "'small_cnn' has 3 norm positions"),
+    (["--batch-sizes", "8,128"], "--batch-sizes [128] exceed the 64 training images"),
+    (["--data", "/no/such/data.npz"], "does not exist"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, fragment):
+    base = ["--data", str(SMALL_NPZ), "--train-size", "64", "--val-size", "32",
+            "--output", str(tmp_path / "out")]
+    assert run(base + argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("python -m recipes.tune: error:")
+    assert fragment in lines[0]
+    assert not (tmp_path / "out" / "search").exists()  # nothing started
