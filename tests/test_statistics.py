@@ -202,3 +202,16 @@ def test_recompute_moving_average_bn_restores_its_training_state():
         if variable.path in state:
             np.testing.assert_array_equal(variable.numpy(), state[variable.path],
                                           err_msg=variable.path)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_recompute_evonorm_b0_averages_its_batch_variance(unbiased):
+    x = np.random.default_rng(6).normal(2, 3, (24, 4, 4, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras_norm.EvoNormB0(momentum=0.9)])
+    model(x[:8], training=True)
+    recompute_statistics(model, tf.data.Dataset.from_tensor_slices(x).batch(8),
+                         unbiased=unbiased, verbose=0)
+    expected = np.mean([b.var((0, 1, 2)) for b in np.split(x, 3)], 0)
+    if unbiased:
+        expected *= 128 / 127
+    np.testing.assert_allclose(model.layers[0].moving_variance.numpy(), expected, rtol=1e-5)
