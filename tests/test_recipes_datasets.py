@@ -280,14 +280,13 @@ def test_not_found_error_message(no_default_sources):
 
 
 def test_tfds_not_prepared_is_a_clear_error(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     with pytest.raises(datasets.DataNotFoundError, match="not prepared"):
         datasets.load_data("cifar100", tfds_data_dir=str(tmp_path))
 
 
 def test_load_prepared_tfds(monkeypatch):
     """The TFDS reading path, on TFDS's own offline mock data (no files, no network)."""
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # a hard dependency: never skip on its absence
     monkeypatch.setattr(datasets, "_tfds_status", lambda name, data_dir=None: (True, "mocked"))
     with tfds.testing.mock_data(num_examples=12):
         data = datasets.load_data("tfds:cifar10")
