@@ -88,6 +88,28 @@ def check_axis_argument(owner, axis):
     return int(axis)
 
 
+def check_channel_axis(owner, axis):
+    """Returns the channel axis as an int; it must be a single integer (not a bool or list)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"{owner}: argument `axis` must be an integer (the channel axis). "
+            f"Received: axis={axis!r}"
+        )
+    return int(axis)
+
+
+def channel_axis(owner, axis, input_shape):
+    """`(non-negative channel axis, channel count)` of `input_shape`; the size must be known."""
+    (positive,) = canonical_axes(owner, axis, input_shape)
+    channels = input_shape[positive]
+    if channels is None:
+        raise ValueError(
+            f"{owner}: the channel axis {axis} of the input must have a known size. "
+            f"Received: input_shape={tuple(input_shape)}"
+        )
+    return positive, channels
+
+
 def canonical_axes(owner, axis, input_shape):
     """Maps `axis` (int or tuple) to sorted non-negative axes of `input_shape`, validated."""
     ndim = len(input_shape)

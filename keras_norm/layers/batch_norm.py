@@ -162,12 +162,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             gamma_constraint=gamma_constraint, **kwargs,
         )
         owner = self.__class__.__name__
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(
-                f"{owner}: argument `axis` must be an integer (the channel axis). "
-                f"Received: axis={axis!r}"
-            )
-        self.axis = axis
+        self.axis = base.check_channel_axis(owner, axis)
         self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
@@ -197,12 +192,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     # ------------------------------------------------------------------------------- build
     def build(self, input_shape):
-        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
-        if input_shape[self._axis] is None:
-            raise ValueError(
-                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
-                f"size. Received: input_shape={tuple(input_shape)}"
-            )
+        self._axis, _ = base.channel_axis(self._owner, self.axis, input_shape)
         if self.virtual_batch_size is not None and self._axis == 0:
             raise ValueError(
                 f"{self._owner}: ghost batches split axis 0, which cannot be the channel axis. "

@@ -13,16 +13,6 @@ from keras_norm import stats
 from keras_norm.layers import base
 
 
-def check_channel_axis(owner, axis):
-    """The channel axis must be a single int (not a bool, not a list)."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(
-            f"{owner}: argument `axis` must be an integer (the channel axis). "
-            f"Received: axis={axis!r}"
-        )
-    return axis
-
-
 class ChannelwiseNormalization(base.AffineNormalization):
     """Base of normalizations with per-channel parameters over `[batch, spatial..., channel]`.
 
@@ -34,7 +24,7 @@ class ChannelwiseNormalization(base.AffineNormalization):
 
     def __init__(self, axis, epsilon, **kwargs):
         super().__init__(epsilon=epsilon, **kwargs)
-        self.axis = check_channel_axis(self.__class__.__name__, axis)
+        self.axis = base.check_channel_axis(self.__class__.__name__, axis)
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)

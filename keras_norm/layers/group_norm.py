@@ -342,12 +342,7 @@ class GroupNormalization(base.AffineNormalization):
         )
         owner = self.__class__.__name__
         self.groups = _check_groups(owner, groups)
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(
-                f"{owner}: argument `axis` must be an integer (the channel axis). "
-                f"Received: axis={axis!r}"
-            )
-        self.axis = int(axis)
+        self.axis = base.check_channel_axis(owner, axis)
         # Keep float32 inputs float32 under mixed precision (Keras does the same).
         self.autocast = False
 

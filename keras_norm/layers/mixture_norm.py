@@ -288,12 +288,7 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         )
         owner = self.__class__.__name__
         self.num_components = base.check_int(owner, "num_components", num_components, 1)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(
-                f"{owner}: argument `axis` must be an integer (the channel axis). "
-                f"Received: axis={axis!r}"
-            )
-        self.axis = axis
+        self.axis = base.check_channel_axis(owner, axis)
         self.mixture_axes = base.check_choice(owner, "mixture_axes", mixture_axes,
                                               MIXTURE_AXES)
         self.em_iterations = base.check_int(owner, "em_iterations", em_iterations, 1)
@@ -320,13 +315,7 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     # ------------------------------------------------------------------------------- build
     def build(self, input_shape):
-        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
-        channels = input_shape[self._axis]
-        if channels is None:
-            raise ValueError(
-                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
-                f"size. Received: input_shape={tuple(input_shape)}"
-            )
+        self._axis, channels = base.channel_axis(self._owner, self.axis, input_shape)
         ndim = len(input_shape)
         k = self.num_components
         self._channels = channels

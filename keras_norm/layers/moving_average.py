@@ -165,12 +165,7 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
             gamma_constraint=gamma_constraint, **kwargs,
         )
         owner = self.__class__.__name__
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(
-                f"{owner}: argument `axis` must be an integer (the channel axis). "
-                f"Received: axis={axis!r}"
-            )
-        self.axis = axis
+        self.axis = base.check_channel_axis(owner, axis)
         self.buffer_size = base.check_int(owner, "buffer_size", buffer_size, minimum=1)
         self.warmup_steps = base.check_int(owner, "warmup_steps", warmup_steps, minimum=0)
         self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
@@ -185,13 +180,7 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
 
     # ------------------------------------------------------------------------------- build
     def build(self, input_shape):
-        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
-        channels = input_shape[self._axis]
-        if channels is None:
-            raise ValueError(
-                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
-                f"size. Received: input_shape={tuple(input_shape)}"
-            )
+        self._axis, channels = base.channel_axis(self._owner, self.axis, input_shape)
         ndim = len(input_shape)
         self._build_affine((channels,))
         self.moving_second_moment = base.add_statistic(
