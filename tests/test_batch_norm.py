@@ -19,6 +19,7 @@ CONFIGS = {
     "no_affine": (dict(momentum=0.5, center=False, scale=False), (8, 4, 4, 3)),
     "ghost": (dict(momentum=0.5, virtual_batch_size=3), (8, 4, 4, 3)),
     "ghost_even": (dict(momentum=0.5, virtual_batch_size=4), (8, 5)),
+    "ghost_even_conv": (dict(momentum=0.5, virtual_batch_size=2), (8, 3, 3, 4)),
     "renorm": (dict(momentum=0.5, renorm=True, renorm_momentum=0.6,
                     renorm_clipping={"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}), (8, 4, 4, 3)),
     "batch_inference": (dict(momentum=0.5, inference_statistics="batch"), (8, 4, 4, 3)),
@@ -43,8 +44,8 @@ def test_matches_numpy_reference(name):
     harness.check_reference(make_case(name))
 
 
-@pytest.mark.parametrize("name", ["default", "channels_first", "ghost", "renorm",
-                                  "batch_inference"])
+@pytest.mark.parametrize("name", ["default", "channels_first", "dense", "ghost",
+                                  "ghost_even_conv", "renorm", "batch_inference"])
 def test_jit_equals_eager(name):
     harness.check_jit(make_case(name))
 
@@ -54,7 +55,8 @@ def test_serialization_round_trips(name):
     harness.check_serialization(make_case(name))
 
 
-@pytest.mark.parametrize("name", ["default", "ghost", "renorm", "synchronized"])
+@pytest.mark.parametrize("name", ["default", "ghost", "ghost_even_conv", "renorm",
+                                  "synchronized"])
 def test_mixed_precision(name):
     harness.check_mixed_precision(make_case(name))
 
@@ -243,6 +245,33 @@ def test_ghost_batches_partial_group_and_moving_average():
     expected_var = (counts * np.array([g.var(0) for g in groups])).sum(0) / 7
     np.testing.assert_allclose(layer.moving_variance.numpy(), expected_var, atol=1e-5)
     np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [8, 7])
+def test_ghost_batches_with_unknown_batch_size(batch_size):
+    """A graph whose batch size is unknown picks the even or the padded ghost path at run
+    time; both must give the eager values, gradients and moving statistics."""
+    x = tf.constant(np.random.default_rng(11).normal(2, 3, (batch_size, 3, 3, 4)), tf.float32)
+    upstream = tf.constant(np.random.default_rng(12).normal(size=x.shape), tf.float32)
+    layers = [BatchNormalization(virtual_batch_size=2, momentum=0.5) for _ in range(2)]
+    for layer in layers:
+        layer.build(x.shape)
+
+    def forward_backward(layer, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * upstream)
+        return [y, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
+
+    eager = forward_backward(layers[0], x)
+    traced = tf.function(lambda x: forward_backward(layers[1], x),
+                         input_signature=[tf.TensorSpec([None, 3, 3, 4], tf.float32)])(x)
+    for a, b in zip(eager, traced):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    np.testing.assert_allclose(layers[0].moving_variance.numpy(),
+                               layers[1].moving_variance.numpy(), atol=1e-6)
+    assert not np.allclose(layers[0].moving_variance.numpy(), 1.0)
 
 
 def test_batch_inference_statistics_leave_moving_statistics_untouched():

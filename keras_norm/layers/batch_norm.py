@@ -234,6 +234,14 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             outputs = self._normalize_ghost(x, mask, gamma, beta, self._is_training(training))
         elif self._can_use_fused_kernel(x, mask, training):
             outputs = self._normalize_fused(x, self._is_training(training))
+        elif mask is None and not (self.renorm and self._is_training(training)):
+            # Plain batch statistics (synchronized, other layouts, XLA): one op pair with a
+            # closed-form gradient instead of differentiating the composed moments.
+            outputs, moments = stats.batch_normalize(x, self._reduction_axes, self.epsilon,
+                                                     gamma, beta, self.synchronized)
+            if self._is_training(training):
+                self._update_statistics(moments.mean, moments.variance,
+                                        tf.reduce_sum(moments.count) > 0)
         else:
             moments = stats.batch_moments(x, self._reduction_axes, mask, self.synchronized)
             mean, variance = moments.mean, moments.variance
@@ -291,6 +299,34 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     def _normalize_ghost(self, x, mask, gamma, beta, training):
         """Per-ghost-batch statistics: regroup `(B, ...)` as `(G, v, ...)`, normalize, undo."""
+        if mask is None and not (self.renorm and training):
+            batch_size = x.shape[0]
+            if batch_size is not None:
+                if batch_size % self.virtual_batch_size == 0:
+                    return self._normalize_ghost_even(x, gamma, beta, training)
+            else:
+                divides = tf.equal(tf.math.floormod(tf.shape(x)[0], self.virtual_batch_size), 0)
+                return tf.cond(
+                    divides, lambda: self._normalize_ghost_even(x, gamma, beta, training),
+                    lambda: self._normalize_ghost_padded(x, mask, gamma, beta, training))
+        return self._normalize_ghost_padded(x, mask, gamma, beta, training)
+
+    def _normalize_ghost_even(self, x, gamma, beta, training):
+        """Ghost batches that split the batch evenly, unmasked: a reshape (no padding or mask)
+        and `stats.batch_normalize`'s closed-form gradient, per group."""
+        grouped = tf.reshape(x, tf.concat([[-1, self.virtual_batch_size], tf.shape(x)[1:]], 0))
+        shape = [1] + self._param_shape
+        gamma = None if gamma is None else tf.reshape(gamma, shape)
+        beta = None if beta is None else tf.reshape(beta, shape)
+        outputs, moments = stats.batch_normalize(grouped, [a + 1 for a in self._reduction_axes],
+                                                 self.epsilon, gamma, beta)
+        if training:
+            batch_mean, batch_variance, count = stats.combine_groups(moments)
+            self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0)
+        return tf.reshape(outputs, tf.shape(x))
+
+    def _normalize_ghost_padded(self, x, mask, gamma, beta, training):
+        """The general ghost path: a last group smaller than the others, masks, renorm."""
         grouped, valid, batch_size = stats.split_into_groups(x, self.virtual_batch_size, mask)
         group_axes = [a + 1 for a in self._reduction_axes]
         moments = stats.moments(grouped, group_axes, valid)
