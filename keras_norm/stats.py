@@ -110,6 +110,22 @@ def merge_across_replicas(local):
     return Moments(total_count, mean, m2)
 
 
+def merge_moments(parts, axes):
+    """Merges `Moments` computed over disjoint parts (e.g. per example) along `axes`.
+
+    Chan et al.'s formula on the small per-part tensors: the moments of the union equal the
+    two-pass moments over all values, so a layer that needs both per-example and batch
+    statistics reads its input once for both.
+    """
+    axes = list(axes)
+    count = tf.broadcast_to(parts.count, tf.shape(parts.mean))
+    total = tf.reduce_sum(count, axes, keepdims=True)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(count * parts.mean, axes, keepdims=True), total)
+    spread = count * tf.math.squared_difference(parts.mean, mean)
+    m2 = tf.reduce_sum(parts.m2 + spread, axes, keepdims=True)
+    return Moments(total, mean, m2)
+
+
 def batch_moments(x, axes, mask=None, synchronized=False):
     """Moments of `x` over `axes`, merged across replicas when `synchronized`."""
     local = moments(x, axes, mask)

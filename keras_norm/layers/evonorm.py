@@ -156,8 +156,16 @@ class EvoNormB0(base.BatchDependentMixin, _EvoNorm):
 
     def call(self, inputs, training=None):
         x = base.to_statistics_dtype(inputs)
+        # The per-example moments over the spatial axes come first; the batch moments are
+        # merged from them (Chan's formula on (N, C) values), so x is read twice, not four times.
+        instance = stats.moments(x, self._spatial_axes) if self._spatial_axes else None
         if self._uses_batch_statistics(training):
-            moments = stats.batch_moments(x, self._batch_axes, synchronized=self.synchronized)
+            if instance is None:
+                moments = stats.moments(x, self._batch_axes)
+            else:
+                moments = stats.merge_moments(instance, [0])
+            if self.synchronized:
+                moments = stats.merge_across_replicas(moments)
             batch_variance = moments.variance
             if self._is_training(training):
                 # `self.momentum` is read now, not at build time (recompute_statistics swaps it).
@@ -165,10 +173,8 @@ class EvoNormB0(base.BatchDependentMixin, _EvoNorm):
                                             self.momentum, tf.reduce_sum(moments.count) > 0)
         else:
             batch_variance = self._channel_parameter(self.moving_variance, x.dtype)
-        if self._spatial_axes:
-            instance_variance = stats.moments(x, self._spatial_axes).variance
-        else:  # a 1x1 "map": one value per example and channel
-            instance_variance = tf.zeros([], x.dtype)
+        # Without spatial axes (a 1x1 "map") each example and channel is one value: variance 0.
+        instance_variance = tf.zeros([], x.dtype) if instance is None else instance.variance
         v = self._channel_parameter(self.v, x.dtype)
         denominator = tf.maximum(tf.sqrt(batch_variance + self.epsilon),
                                  v * x + tf.sqrt(instance_variance + self.epsilon))
@@ -281,10 +287,16 @@ class EvoNormS0(_EvoNorm):
         grouped, moments = stats.group_moments(x, self._axis, self.groups)
         v = stats.split_channels(self._channel_parameter(self.v, x.dtype), self._axis,
                                  self.groups)
-        normalized = grouped * tf.sigmoid(v * grouped) * tf.math.rsqrt(
-            moments.variance + self.epsilon)
-        outputs = self._apply_affine(tf.reshape(normalized, tf.shape(x)))
-        return tf.cast(outputs, self.compute_dtype)
+        # gamma is folded into the per-(example, group) scale before it meets the full-size
+        # tensor (see `_apply_affine`), here in the grouped layout.
+        gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
+        scale = tf.math.rsqrt(moments.variance + self.epsilon)
+        if gamma is not None:
+            scale = scale * stats.split_channels(gamma, self._axis, self.groups)
+        outputs = grouped * tf.sigmoid(v * grouped) * scale
+        if beta is not None:
+            outputs = outputs + stats.split_channels(beta, self._axis, self.groups)
+        return tf.cast(tf.reshape(outputs, tf.shape(x)), self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups}

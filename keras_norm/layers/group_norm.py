@@ -233,8 +233,8 @@ class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
         moments = stats.moments(x, axes, self._statistics_mask(mask, x, axes))
         gamma, beta = self._affine_parameters(x.dtype, shape)
         if self.rms_scaling:
-            outputs = x * tf.math.rsqrt(moments.variance + self.epsilon)
-            outputs = outputs if gamma is None else outputs * gamma
+            scale = tf.math.rsqrt(moments.variance + self.epsilon)
+            outputs = x * (scale if gamma is None else scale * gamma)  # one full-size multiply
         else:
             outputs = stats.normalize(x, moments.mean, moments.variance, self.epsilon, gamma,
                                       beta)

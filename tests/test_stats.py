@@ -1,0 +1,69 @@
+"""The shared statistics module against NumPy: merged moments and the closed-form batch-norm
+gradient (the layers' tests cover them again inside each layer)."""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_norm import stats
+
+
+def test_merge_moments_equals_two_pass_moments_of_the_union():
+    # A large common offset: E[x^2] - E[x]^2 would lose most digits in float32 here.
+    x = np.random.default_rng(0).normal(1000.0, 0.5, (6, 5, 4, 3)).astype("float32")
+    xt = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        merged = stats.merge_moments(stats.moments(xt, [1, 2]), [0])
+        direct = stats.moments(xt, [0, 1, 2])
+        merged_loss = tf.reduce_sum(merged.variance * [1.0, 2.0, 3.0])
+        direct_loss = tf.reduce_sum(direct.variance * [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(merged.count.numpy().ravel(), 120.0)
+    np.testing.assert_allclose(merged.mean.numpy().ravel(), x.mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(merged.variance.numpy().ravel(),
+                               x.astype("float64").var((0, 1, 2)), rtol=1e-4)
+    # Gradients agree to float32 rounding of inputs near 1000 (spacing 6e-5).
+    np.testing.assert_allclose(tape.gradient(merged_loss, xt), tape.gradient(direct_loss, xt),
+                               rtol=1e-3, atol=1e-5)
+
+
+def _numpy_batch_norm(x, axes, gamma, beta, epsilon, dy):
+    """Forward values and the input, gamma and beta gradients of plain batch norm."""
+    x = x.astype("float64")
+    mean = x.mean(axes, keepdims=True)
+    var = x.var(axes, keepdims=True)
+    x_hat = (x - mean) / np.sqrt(var + epsilon)
+    n = np.prod([x.shape[a] for a in axes])
+    d_x_hat = dy * gamma
+    d_x = (n * d_x_hat - d_x_hat.sum(axes, keepdims=True)
+           - x_hat * (d_x_hat * x_hat).sum(axes, keepdims=True)) / (n * np.sqrt(var + epsilon))
+    return x_hat * gamma + beta, d_x, (dy * x_hat), dy
+
+
+def test_batch_normalize_per_group_matches_numpy():
+    """Ghost-batch layout `(G, v, H, C)`: statistics per group, gamma/beta shared by groups."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 2.0, (3, 4, 5, 2)).astype("float32")
+    dy = rng.normal(size=x.shape).astype("float32")
+    gamma = rng.uniform(0.5, 1.5, (1, 1, 1, 2)).astype("float32")
+    beta = rng.normal(size=(1, 1, 1, 2)).astype("float32")
+    xt, gt, bt = (tf.constant(v) for v in (x, gamma, beta))
+    with tf.GradientTape() as tape:
+        tape.watch([xt, gt, bt])
+        y, moments = stats.batch_normalize(xt, [1, 2], 1e-3, gt, bt)
+        loss = tf.reduce_sum(y * dy)
+    d_x, d_gamma, d_beta = tape.gradient(loss, [xt, gt, bt])
+    expected_y, expected_dx, gamma_terms, beta_terms = _numpy_batch_norm(
+        x, (1, 2), gamma, beta, 1e-3, dy)
+    np.testing.assert_allclose(y, expected_y, atol=1e-5)
+    np.testing.assert_allclose(d_x, expected_dx, atol=1e-5)
+    np.testing.assert_allclose(d_gamma, gamma_terms.sum((0, 1, 2), keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(d_beta, beta_terms.sum((0, 1, 2), keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(moments.mean.numpy(), x.mean((1, 2), keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(moments.variance.numpy(), x.var((1, 2), keepdims=True),
+                               rtol=1e-5)
+
+
+def test_batch_normalize_without_affine_parameters():
+    x = np.random.default_rng(2).normal(-4.0, 0.1, (16, 3)).astype("float32")
+    y, _ = stats.batch_normalize(tf.constant(x), [0], 1e-5)
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-4)
