@@ -198,28 +198,33 @@ def normalize(x, mean, variance, epsilon, gamma=None, beta=None):
     return x * inv + offset
 
 
-def batch_normalize(x, axes, epsilon, gamma=None, beta=None, synchronized=False):
-    """Training-mode batch normalization with a hand-written backward pass.
+def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False):
+    """`gamma * (x - mean) / sqrt(var + epsilon) + beta` with moments over `axes` and a
+    hand-written backward pass: the training-mode step of batch, ghost, group, instance and
+    layer norm (unmasked inputs).
 
-    Equivalent to `normalize(x, *batch_moments(x, axes, synchronized=...), ...)` for unmasked
-    inputs, and differentiable the same way, but cheaper: automatic differentiation of the
-    composed ops keeps several full-size intermediates and, when synchronized, differentiates
-    both forward all-reduces; the closed form (as in PyTorch's SyncBatchNorm)
+    Equivalent to `normalize(x, *batch_moments(x, axes, synchronized=...), ...)` and
+    differentiable the same way, but cheaper: automatic differentiation of the composed ops
+    keeps several full-size intermediates and, when synchronized, differentiates both forward
+    all-reduces; the closed form (as in PyTorch's SyncBatchNorm), with `g = dy * gamma`,
 
-        dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+        dx = 1 / sigma * (g - mean(g) - x_hat * mean(g * x_hat))
 
-    needs two per-channel reductions and one all-reduce of their `[2, C]` results. The means
-    run over the global batch when `synchronized`, so each replica's input gradient equals what
-    one device computes on the concatenated batch. The centred second pass uses the global mean
-    (an exact two-pass variance; no `E[x^2] - E[x]^2` cancellation).
+    needs two reductions over `axes` and, when synchronized, one all-reduce of their results.
+    The means run over the global batch when `synchronized`, so each replica's input gradient
+    equals what one device computes on the concatenated batch. The centred second pass uses
+    the (global) mean: an exact two-pass variance, no `E[x^2] - E[x]^2` cancellation.
 
     Args:
         x: Float input in its statistics dtype (see `statistics_dtype`).
-        axes: The reduction axes: all but the channel axis, or all but the group and channel
-            axes for per-group statistics (ghost batches; `gamma`/`beta` of size 1 on the
-            group axis are shared by the groups).
+        axes: The reduction axes. Batch norm: all but the channel axis; ghost batches
+            `(G, v, ...)`: all but the group and channel axes; group norm on `(B, ..., G, C/G)`:
+            all but the examples and groups; layer norm: the feature axes.
         epsilon: Added to the variance.
-        gamma, beta: Optional per-channel scale and offset, broadcastable to `x`.
+        gamma, beta: Optional scale and offset broadcastable to `x`. Where they have size 1 on
+            an axis the statistics keep (the examples in group norm, the groups of ghost
+            batches), their gradients are summed over it; they may vary along reduced axes
+            (layer norm's per-feature parameters).
         synchronized: Whether statistics (and their gradients) span all replicas.
 
     Returns:
@@ -230,10 +235,12 @@ def batch_normalize(x, axes, epsilon, gamma=None, beta=None, synchronized=False)
     rank = len(x.shape)
     gamma = tf.ones([1] * rank, x.dtype) if gamma is None else gamma
     beta = tf.zeros([1] * rank, x.dtype) if beta is None else beta
-    # Axes the statistics keep but gamma/beta share (the group axis of ghost batches, where
-    # parameters are shared by all groups): their gradients are summed over these.
-    shared_axes = [axis for axis in range(rank)
-                   if axis not in axes and (gamma.shape[axis] == 1 or beta.shape[axis] == 1)]
+    # Reduced axes along which gamma and beta are constant (all of them in batch norm; the
+    # spatial axes in group norm): the backward pass reduces over these first, on the input's
+    # size, and does the rest on the small results. Along the others (group norm's channels
+    # within a group, layer norm's features) the parameters vary.
+    inner = [axis for axis in axes if gamma.shape[axis] == 1 and beta.shape[axis] == 1]
+    outer = [axis for axis in axes if axis not in inner]
     local_count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), tf.constant(axes, tf.int32))),
                           x.dtype)
 
@@ -256,16 +263,19 @@ def batch_normalize(x, axes, epsilon, gamma=None, beta=None, synchronized=False)
 
         def backward(d_outputs, *_statistics_gradients):
             # The statistics outputs feed moving averages only, so their gradients are unused.
-            sum_dy = reduce(d_outputs)
-            sum_dy_centred = reduce(d_outputs * centred)
+            sum_dy = _reduce_sum(d_outputs, inner)
+            sum_dy_centred = _reduce_sum(d_outputs * centred, inner)
             # gamma and beta get this replica's own gradient; the optimizer sums replicas.
-            d_gamma = _sum_over(sum_dy_centred * inv_std, shared_axes, gamma)
-            d_beta = _sum_over(sum_dy, shared_axes, beta)
+            d_gamma = _sum_to(sum_dy_centred * inv_std, gamma)
+            d_beta = _sum_to(sum_dy, beta)
+            # The sums of g = dy * gamma and g * (x - mean) over all of `axes`.
+            sum_g = _reduce_sum(sum_dy * gamma, outer)
+            sum_g_centred = _reduce_sum(sum_dy_centred * gamma, outer)
             if sync:
-                sum_dy, sum_dy_centred = all_reduce_sum((sum_dy, sum_dy_centred))
-            mean_dy = tf.math.divide_no_nan(sum_dy, count)
-            projection = tf.math.divide_no_nan(sum_dy_centred, count) * tf.square(inv_std)
-            d_x = scale * (d_outputs - mean_dy - centred * projection)
+                sum_g, sum_g_centred = all_reduce_sum((sum_g, sum_g_centred))
+            mean_g = tf.math.divide_no_nan(sum_g, count)
+            projection = tf.math.divide_no_nan(sum_g_centred, count) * tf.square(inv_std)
+            d_x = d_outputs * scale - centred * (inv_std * projection) - inv_std * mean_g
             return d_x, d_gamma, d_beta
 
         return (outputs, tf.reshape(count, [1] * rank), mean, m2), backward
@@ -275,9 +285,14 @@ def batch_normalize(x, axes, epsilon, gamma=None, beta=None, synchronized=False)
     return outputs, moments
 
 
-def _sum_over(gradient, axes, parameter):
-    """`gradient` summed over those of `axes` on which `parameter` has size 1."""
-    axes = [axis for axis in axes if parameter.shape[axis] == 1]
+def _reduce_sum(value, axes):
+    return tf.reduce_sum(value, axes, keepdims=True) if axes else value
+
+
+def _sum_to(gradient, parameter):
+    """`gradient` summed over the axes on which `parameter` has size 1 (and it has not)."""
+    axes = [axis for axis, size in enumerate(parameter.shape)
+            if size == 1 and gradient.shape[axis] != 1]
     return tf.reduce_sum(gradient, axes, keepdims=True) if axes else gradient
 
 

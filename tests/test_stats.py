@@ -27,7 +27,8 @@ def test_merge_moments_equals_two_pass_moments_of_the_union():
 
 
 def _numpy_batch_norm(x, axes, gamma, beta, epsilon, dy):
-    """Forward values and the input, gamma and beta gradients of plain batch norm."""
+    """Forward values, the input gradient and the per-element gamma and beta gradient terms
+    of standardization over `axes` (gamma may vary along them)."""
     x = x.astype("float64")
     mean = x.mean(axes, keepdims=True)
     var = x.var(axes, keepdims=True)
@@ -39,7 +40,7 @@ def _numpy_batch_norm(x, axes, gamma, beta, epsilon, dy):
     return x_hat * gamma + beta, d_x, (dy * x_hat), dy
 
 
-def test_batch_normalize_per_group_matches_numpy():
+def test_standardize_per_group_matches_numpy():
     """Ghost-batch layout `(G, v, H, C)`: statistics per group, gamma/beta shared by groups."""
     rng = np.random.default_rng(1)
     x = rng.normal(3.0, 2.0, (3, 4, 5, 2)).astype("float32")
@@ -49,7 +50,7 @@ def test_batch_normalize_per_group_matches_numpy():
     xt, gt, bt = (tf.constant(v) for v in (x, gamma, beta))
     with tf.GradientTape() as tape:
         tape.watch([xt, gt, bt])
-        y, moments = stats.batch_normalize(xt, [1, 2], 1e-3, gt, bt)
+        y, moments = stats.standardize(xt, [1, 2], 1e-3, gt, bt)
         loss = tf.reduce_sum(y * dy)
     d_x, d_gamma, d_beta = tape.gradient(loss, [xt, gt, bt])
     expected_y, expected_dx, gamma_terms, beta_terms = _numpy_batch_norm(
@@ -63,7 +64,28 @@ def test_batch_normalize_per_group_matches_numpy():
                                rtol=1e-5)
 
 
-def test_batch_normalize_without_affine_parameters():
+def test_standardize_without_affine_parameters():
     x = np.random.default_rng(2).normal(-4.0, 0.1, (16, 3)).astype("float32")
-    y, _ = stats.batch_normalize(tf.constant(x), [0], 1e-5)
+    y, _ = stats.standardize(tf.constant(x), [0], 1e-5)
     np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-4)
+
+
+def test_standardize_with_parameters_along_the_reduced_axes():
+    """Layer norm: statistics per example over (H, W), gamma and beta per (H, W) position."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(-2.0, 3.0, (4, 5, 6)).astype("float32")
+    dy = rng.normal(size=x.shape).astype("float32")
+    gamma = rng.uniform(0.5, 1.5, (1, 5, 6)).astype("float32")
+    beta = rng.normal(size=(1, 5, 6)).astype("float32")
+    xt, gt, bt = (tf.constant(v) for v in (x, gamma, beta))
+    with tf.GradientTape() as tape:
+        tape.watch([xt, gt, bt])
+        y, _ = stats.standardize(xt, [1, 2], 1e-3, gt, bt)
+        loss = tf.reduce_sum(y * dy)
+    d_x, d_gamma, d_beta = tape.gradient(loss, [xt, gt, bt])
+    expected_y, expected_dx, gamma_terms, beta_terms = _numpy_batch_norm(
+        x, (1, 2), gamma, beta, 1e-3, dy)
+    np.testing.assert_allclose(y, expected_y, atol=1e-5)
+    np.testing.assert_allclose(d_x, expected_dx, atol=1e-5)
+    np.testing.assert_allclose(d_gamma, gamma_terms.sum(0, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(d_beta, beta_terms.sum(0, keepdims=True), atol=1e-4)

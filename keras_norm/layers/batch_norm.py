@@ -237,7 +237,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         elif mask is None and not (self.renorm and self._is_training(training)):
             # Plain batch statistics (synchronized, other layouts, XLA): one op pair with a
             # closed-form gradient instead of differentiating the composed moments.
-            outputs, moments = stats.batch_normalize(x, self._reduction_axes, self.epsilon,
+            outputs, moments = stats.standardize(x, self._reduction_axes, self.epsilon,
                                                      gamma, beta, self.synchronized)
             if self._is_training(training):
                 self._update_statistics(moments.mean, moments.variance,
@@ -313,12 +313,12 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     def _normalize_ghost_even(self, x, gamma, beta, training):
         """Ghost batches that split the batch evenly, unmasked: a reshape (no padding or mask)
-        and `stats.batch_normalize`'s closed-form gradient, per group."""
+        and `stats.standardize`'s closed-form gradient, per group."""
         grouped = tf.reshape(x, tf.concat([[-1, self.virtual_batch_size], tf.shape(x)[1:]], 0))
         shape = [1] + self._param_shape
         gamma = None if gamma is None else tf.reshape(gamma, shape)
         beta = None if beta is None else tf.reshape(beta, shape)
-        outputs, moments = stats.batch_normalize(grouped, [a + 1 for a in self._reduction_axes],
+        outputs, moments = stats.standardize(grouped, [a + 1 for a in self._reduction_axes],
                                                  self.epsilon, gamma, beta)
         if training:
             batch_mean, batch_variance, count = stats.combine_groups(moments)

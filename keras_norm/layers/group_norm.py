@@ -230,8 +230,13 @@ class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
         axes, shape = self._feature_axes(x)
-        moments = stats.moments(x, axes, self._statistics_mask(mask, x, axes))
+        statistics_mask = self._statistics_mask(mask, x, axes)
         gamma, beta = self._affine_parameters(x.dtype, shape)
+        if statistics_mask is None and not self.rms_scaling:
+            # Unmasked: one op with a closed-form gradient (see stats.standardize).
+            outputs, _ = stats.standardize(x, axes, self.epsilon, gamma, beta)
+            return tf.cast(outputs, self.compute_dtype)
+        moments = stats.moments(x, axes, statistics_mask)
         if self.rms_scaling:
             scale = tf.math.rsqrt(moments.variance + self.epsilon)
             outputs = x * (scale if gamma is None else scale * gamma)  # one full-size multiply
@@ -373,12 +378,20 @@ class GroupNormalization(base.AffineNormalization):
         self._group_param_shape = ([1] * self._axis + [groups, channels // groups]
                                    + [1] * (ndim - self._axis - 1))
         self._reduction_axes = [a for a in range(1, ndim) if a != self._axis]
+        # The same in the grouped layout (channel axis split into groups, channels per group).
+        self._reduction_axes_grouped = [a for a in range(1, ndim + 1) if a != self._axis]
 
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
         mask = mask_for_statistics(self._owner, mask, x, self._axis, self._reduction_axes)
-        grouped, moments = stats.group_moments(x, self._axis, self._groups, mask)
         gamma, beta = self._affine_parameters(x.dtype, self._group_param_shape)
+        if mask is None:
+            # Unmasked: one op with a closed-form gradient (see stats.standardize).
+            grouped = stats.split_channels(x, self._axis, self._groups)
+            outputs, _ = stats.standardize(grouped, self._reduction_axes_grouped, self.epsilon,
+                                           gamma, beta)
+            return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
+        grouped, moments = stats.group_moments(x, self._axis, self._groups, mask)
         outputs = stats.normalize(grouped, moments.mean, moments.variance, self.epsilon, gamma,
                                   beta)
         return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
