@@ -1,0 +1,183 @@
+"""`python -m recipes.experiments`: every run's flags are valid recipe flags, finished runs are
+not repeated, and the tables and plots are computed correctly from results.json files.
+
+Training itself is `recipes.cifar`'s (tested in test_recipes_cifar.py); here the results are
+synthetic dicts with the fields a real results.json has, so the summaries can be checked
+against numbers computed by hand.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from recipes import cifar, experiments  # noqa: E402
+
+
+def _results(run, accuracies, modes=None, steps_per_epoch=40, epochs=None, seconds=60.0):
+    """A results.json-shaped dict for `run` with the given per-epoch test accuracies."""
+    epochs = epochs or len(accuracies)
+    history = [{"epoch": i + 1, "test_accuracy": a, "loss": 2.0 - a, "accuracy": a}
+               for i, a in enumerate(accuracies)]
+    config = {"model": "small_cnn", "epochs": epochs, "batch_size": 64}
+    return {"config": config, "data": {"train_images": 4000, "test_images": 2000},
+            "model": {"norm_layers": ["a_norm", "b_norm"]},
+            "training": {"steps_per_epoch": steps_per_epoch, "history": history},
+            "evaluation": modes or {"population": {"accuracy": accuracies[-1]}},
+            "seconds": seconds, "versions": {"tensorflow": "x"}}
+
+
+@pytest.mark.parametrize("name", sorted(experiments.EXPERIMENTS))
+def test_every_run_is_a_valid_recipe_command(name, tmp_path):
+    runs = experiments.EXPERIMENTS[name].runs
+    assert len({run.name for run in runs}) == len(runs), "run folders must be distinct"
+    for run in runs:
+        _, args = cifar.parse_args([*run.args, "--output", str(tmp_path / run.name)])
+        config = cifar.to_config(args)
+        cifar._check_norms(config)  # unknown norms and bad layer arguments fail here
+        assert args.verbose == 1 and config.output == str(tmp_path / run.name)
+
+
+def test_the_issue_settings():
+    small = experiments.EXPERIMENTS["small_batch"].runs
+    assert {(r.fields["norm"], r.fields["batch"]) for r in small} >= {
+        ("BN", 64), ("BN", 2), ("BN", 4), ("GN", 2), ("CBN", 4), ("MABN", 2),
+        ("BN + renorm", 4)}
+    assert {r.fields["seed"] for r in small} == {2, 4}
+    mixture = experiments.EXPERIMENTS["mixture"].runs
+    assert len({r.fields["seed"] for r in mixture}) >= 3
+    _, args = cifar.parse_args(list(mixture[1].args))
+    assert (args.model, args.norm, args.placement, args.other_norm) == (
+        "mn_cnn", "mixture", "2", "batch")
+    placements = [cifar.parse_args(list(r.args))[1].placement
+                  for r in experiments.EXPERIMENTS["placement"].runs]
+    assert placements == ["all", "first", "none"] * 2
+
+
+def test_finished_runs_are_not_repeated(tmp_path, monkeypatch):
+    experiment = experiments.EXPERIMENTS["placement"]
+    for index, run in enumerate(experiment.runs):
+        folder = tmp_path / experiment.name / run.name
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(_results(run, [0.1 * (index + 1)])))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(experiments.subprocess, "run", no_training)
+    pairs = experiments.run_experiment(experiment, tmp_path, jobs=2)
+    assert [run.name for run, _ in pairs] == [run.name for run in experiment.runs]
+    assert [r["evaluation"]["population"]["accuracy"] for _, r in pairs] == pytest.approx(
+        [0.1 * (index + 1) for index in range(len(experiment.runs))])
+
+
+def test_a_failed_run_is_reported(tmp_path, monkeypatch):
+    experiment = experiments.EXPERIMENTS["placement"]
+
+    class Failed:
+        returncode = 3
+
+    monkeypatch.setattr(experiments.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(RuntimeError, match=r"run placement-all failed \(exit 3\).*log.txt"):
+        experiments.run_experiment(experiment, tmp_path, jobs=1)
+
+
+def test_mixture_summary_counts_updates_to_bns_best(tmp_path):
+    experiment = experiments.EXPERIMENTS["mixture"]
+    bn = {1: [0.30, 0.40, 0.50, 0.47], 2: [0.32, 0.42, 0.55, 0.50], 3: [0.28, 0.38, 0.49, 0.52]}
+    mn = {1: [0.40, 0.52, 0.55, 0.56], 2: [0.35, 0.45, 0.50, 0.53], 3: [0.41, 0.50, 0.54, 0.54]}
+    pairs = [(run, _results(run, (bn if run.fields["norm"] == "BN" else mn)[run.fields["seed"]]))
+             for run in experiment.runs]
+    lines = experiment.summarize(pairs, tmp_path / "plot.png")
+    # BN's seed-mean curve: 0.30, 0.40, 0.5133, 0.4967 -> target 0.5133 at 3 x 40 updates.
+    assert "BN's best (51.33%)" in lines[0]
+    bn_row = next(line for line in lines if line.startswith("| BN |"))
+    mn_row = next(line for line in lines if line.startswith("| MN"))
+    assert bn_row.split("|")[5].strip() == "120"
+    assert bn_row.split("|")[6].strip() == "not reached, 120, 160"
+    # MN's mean curve 0.3867, 0.49, 0.53, 0.5433: first above the target at 120 updates;
+    # per seed after 2, 4 and 3 evaluations.
+    assert mn_row.split("|")[5].strip() == "120"
+    assert mn_row.split("|")[6].strip() == "80, 160, 120"
+    final = [0.56, 0.53, 0.54]
+    assert f"{100 * np.mean(final):.2f} ± {100 * np.std(final, ddof=1):.2f}" in mn_row
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_batch_structure_summary_reports_error_rates(tmp_path):
+    experiment = experiments.EXPERIMENTS["batch_structure"]
+    modes = ("population", "batch", "balanced", "pseudo_balanced")
+    pairs = []
+    for index, run in enumerate(experiment.runs):
+        accuracies = {mode: {"accuracy": 0.5 + 0.01 * index + 0.1 * m}
+                      for m, mode in enumerate(modes)}
+        pairs.append((run, _results(run, [0.5], modes=accuracies)))
+    lines = experiment.summarize(pairs, tmp_path / "plot.png")
+    rows = [line for line in lines if line.startswith("| random") or
+            line.startswith("| balanced")]
+    assert len(rows) == len(experiment.runs)
+    # Second run: accuracies 0.51, 0.61, 0.71, 0.81 -> errors 49, 39, 29, 19 percent.
+    assert rows[1].split("|")[3:7] == [" 49.00 ", " 39.00 ", " 29.00 ", " 19.00 "]
+
+
+def test_small_batch_and_population_summaries(tmp_path):
+    small = experiments.EXPERIMENTS["small_batch"]
+    pairs = [(run, _results(run, [0.3 + run.fields["batch"] / 1000 + run.fields["seed"] / 100]))
+             for run in small.runs]
+    lines = small.summarize(pairs, tmp_path / "small.png")
+    bn_row = next(line for line in lines if line.startswith("| BN |"))
+    # Seeds 2 and 4 give 0.302 + 0.02/0.04 at batch 2: mean 33.20, std 1.41.
+    assert bn_row.split("|")[2].strip() == "33.20 ± 1.41"
+    assert bn_row.split("|")[4].strip() == "39.40 ± 1.41"
+    gn_row = next(line for line in lines if line.startswith("| GN |"))
+    assert gn_row.split("|")[4].strip() == "—"
+
+    population = experiments.EXPERIMENTS["population"]
+    pairs = [(run, _results(run, [0.4], modes={"population": {"accuracy": 0.40},
+                                               "recomputed": {"accuracy": 0.45}},
+                            steps_per_epoch=10, epochs=5)) for run in population.runs]
+    lines = population.summarize(pairs, tmp_path / "population.png")
+    assert "| 128 | 0.999 | 50 | 40.00 | 45.00 | +5.00 |" in lines
+
+
+def test_placement_summary_has_a_row_and_a_panel_per_model(tmp_path):
+    experiment = experiments.EXPERIMENTS["placement"]
+    pairs = [(run, _results(run, [0.2, 0.3 + 0.01 * index]))
+             for index, run in enumerate(experiment.runs)]
+    lines = experiment.summarize(pairs, tmp_path / "placement.png")
+    rows = [line for line in lines if line.startswith("| small_cnn") or
+            line.startswith("| resnet20")]
+    assert len(rows) == 6
+    assert rows[4].split("|")[4:6] == [" 34.00 ", " 34.00 "]
+    assert (tmp_path / "placement.png").stat().st_size > 0
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path):
+    path = tmp_path / "EXPERIMENTS.md"
+    path.write_text("intro\n<!-- a:begin -->\nold\n<!-- a:end -->\nmiddle\n"
+                    "<!-- b:begin -->\nkeep\n<!-- b:end -->\n")
+    experiments.write_section("a", "new table", path)
+    experiments.write_section("c", "appended", path)
+    text = path.read_text()
+    assert "old" not in text and "new table" in text and "keep" in text
+    assert text.index("middle") < text.index("<!-- b:begin -->") < text.index("appended")
+
+
+def test_dry_run_prints_the_commands(capsys):
+    assert experiments.main(["placement", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6 and all(line.startswith("-m recipes.cifar") for line in lines)
+    assert "--placement first" in lines[1]
+
+
+def test_bad_jobs_is_refused(capsys):
+    with pytest.raises(SystemExit) as raised:
+        experiments.main(["placement", "--jobs", "0"])
+    assert raised.value.code == 2
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
