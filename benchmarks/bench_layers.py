@@ -48,6 +48,9 @@ KERAS_COUNTERPARTS = {
 }
 
 
+CONV_BN = "keras Conv2D 3x3 + keras_norm BN"
+
+
 def _conv_factory(conv_cls):
     return lambda: conv_cls(64, 3, padding="same", use_bias=False)
 
@@ -59,6 +62,9 @@ def candidates(only=None):
         if label != "batch":
             result[f"keras {factory().__class__.__name__}"] = (factory, None)
     result["keras Conv2D 3x3"] = (_conv_factory(keras.layers.Conv2D), None)
+    # What a conv-wrapping norm (Cross-Iteration BN) replaces: a convolution and a batch norm.
+    result[CONV_BN] = (lambda: keras.Sequential([_conv_factory(keras.layers.Conv2D)(),
+                                                 keras_norm.BatchNormalization()]), None)
     for name in keras_norm.available():
         if only and name not in only:
             continue
@@ -68,8 +74,7 @@ def candidates(only=None):
             counterpart = f"keras {KERAS_COUNTERPARTS[name]().__class__.__name__}"
         if entry.kind == "conv_wrapper":
             conv = _conv_factory(keras.layers.Conv2D)
-            result[name] = (lambda e=entry, c=conv: e.build(SHAPE[-1], layer=c()),
-                            "keras Conv2D 3x3")
+            result[name] = (lambda e=entry, c=conv: e.build(SHAPE[-1], layer=c()), CONV_BN)
         else:
             result[name] = (lambda e=entry: e.build(SHAPE[-1]), counterpart)
         if entry.conv is not None:
