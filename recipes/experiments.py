@@ -107,6 +107,9 @@ SMALL_BATCH_NORMS = (("batch", "BN"), ("batch_renorm", "BN + renorm"), ("group",
 SMALL_BATCH_SEEDS = (2, 4)
 
 
+LONG_BN = "BN, 4x the epochs"
+
+
 def _small_batch_runs():
     common = _flags(model="small_cnn", train_size=4000, test_size=2000, epochs=4,
                     eval="population")
@@ -115,6 +118,11 @@ def _small_batch_runs():
         runs.append(Run(f"batch-b64-seed{seed}",
                         common + _flags(norm="batch", batch_size=64, seed=seed),
                         {"norm": "BN", "batch": 64, "seed": seed}))
+        # Same epochs leave batch 64 with 1/16 of batch 4's updates; this reference trains
+        # batch 64 for 4x the epochs (the last --epochs flag wins).
+        runs.append(Run(f"batch-b64-16epochs-seed{seed}",
+                        common + _flags(norm="batch", batch_size=64, seed=seed, epochs=16),
+                        {"norm": LONG_BN, "batch": 64, "seed": seed}))
         for norm, label in SMALL_BATCH_NORMS:
             for batch in (2, 4):
                 runs.append(Run(f"{norm}-b{batch}-seed{seed}",
@@ -281,21 +289,26 @@ def _summarize_mixture(pairs, plot_path):
 
 
 def _summarize_small_batch(pairs, plot_path):
-    grouped = {}
+    grouped, updates = {}, {}
     for run, results in pairs:
-        grouped.setdefault((run.fields["norm"], run.fields["batch"]), []).append(
-            _accuracy(results))
+        key = (run.fields["norm"], run.fields["batch"])
+        grouped.setdefault(key, []).append(_accuracy(results))
+        if key[0] in ("BN", LONG_BN):
+            updates[key] = results["training"]["steps_per_epoch"] * results["config"]["epochs"]
+    labels = [label for _, label in SMALL_BATCH_NORMS] + [LONG_BN]
     lines = ["| norm | batch 2 | batch 4 | batch 64 |", "| --- | ---: | ---: | ---: |"]
-    for _, label in SMALL_BATCH_NORMS:
+    for label in labels:
         cells = [_mean_spread(grouped[(label, b)]) if (label, b) in grouped else "—"
                  for b in (2, 4, 64)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Test accuracy (%), population statistics, mean ± sample std over seeds "
               f"{', '.join(map(str, SMALL_BATCH_SEEDS))}; learning rate 0.1 x batch/128 "
-              "(SGD, cosine). " + _scale(pairs) + "."]
+              "(SGD, cosine). " + _scale(pairs) + f" (\"{LONG_BN}\": 16). Updates per run: "
+              + ", ".join(f"{count:,} for {label} at batch {batch}"
+                          for (label, batch), count in updates.items()) + "."]
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
-    for _, label in SMALL_BATCH_NORMS:
+    for label in labels:
         batches = [b for b in (2, 4, 64) if (label, b) in grouped]
         means = [100 * statistics.mean(grouped[(label, b)]) for b in batches]
         spreads = [100 * statistics.stdev(grouped[(label, b)]) for b in batches]

@@ -50,6 +50,8 @@ def test_the_issue_settings():
         ("BN", 64), ("BN", 2), ("BN", 4), ("GN", 2), ("CBN", 4), ("MABN", 2),
         ("BN + renorm", 4)}
     assert {r.fields["seed"] for r in small} == {2, 4}
+    epochs = {r.name: cifar.parse_args(list(r.args))[1].epochs for r in small}
+    assert epochs["batch-b64-16epochs-seed2"] == 16 and epochs["batch-b64-seed2"] == 4
     mixture = experiments.EXPERIMENTS["mixture"].runs
     assert len({r.fields["seed"] for r in mixture}) >= 3
     _, args = cifar.parse_args(list(mixture[1].args))
