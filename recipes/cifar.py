@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from recipes import cli
+
 DEFAULT_TRAIN_SIZE = 10000
 DEFAULT_EPOCHS = 5
 
@@ -73,73 +75,6 @@ exit status: 0 done, 2 bad arguments or data (one line on stderr), 1 other failu
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (status 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _size(text):
-    """A positive int, or "all"/0 for no subset."""
-    if str(text).lower() in ("all", "0"):
-        return "all"
-    return _positive_int(text)
-
-
-def _non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text):
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _norm_kwargs(text):
-    """A JSON object, or comma-separated key=value pairs with JSON (or bare string) values."""
-    text = text.strip()
-    if not text:
-        return {}
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
-        if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-        return value
-    result = {}
-    for item in text.split(","):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise argparse.ArgumentTypeError(
-                f"expected key=value pairs or a JSON object, got {text!r}")
-        try:
-            result[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            result[key.strip()] = raw.strip()
-    return result
-
-
 def _eval_modes(text):
     from recipes.training import EVAL_MODES
 
@@ -158,7 +93,7 @@ def build_parser():
     from recipes.models import MODELS
     from recipes.training import BATCH_STRUCTURES, OPTIMIZERS, SCHEDULES, STRATEGIES
 
-    parser = _Parser(prog="python -m recipes.cifar", description=DESCRIPTION, epilog=EPILOG,
+    parser = cli.Parser(prog="python -m recipes.cifar", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="a paper's setting; explicit flags override it. mn_cnn: "
@@ -173,7 +108,7 @@ def build_parser():
     group.add_argument("--norm", default="batch",
                        help=f"a registered normalization: {', '.join(keras_norm.available())} "
                             "or none. Default: batch")
-    group.add_argument("--norm-kwargs", type=_norm_kwargs, default={}, metavar="ARGS",
+    group.add_argument("--norm-kwargs", type=cli.norm_kwargs, default={}, metavar="ARGS",
                        help="constructor arguments of the norm layers: JSON ('{\"momentum\": "
                             "0.9}') or key=value,key=value")
     group.add_argument("--placement", default="all",
@@ -189,45 +124,45 @@ def build_parser():
                             ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
     group.add_argument("--dataset", choices=("cifar10", "cifar100"),
                        help="a TFDS data set already prepared on this machine")
-    group.add_argument("--train-size", type=_size, default=None, metavar="N",
+    group.add_argument("--train-size", type=cli.size, default=None, metavar="N",
                        help=f"train on a class-balanced subset of N images; 'all' for every "
                             f"image. Default: {DEFAULT_TRAIN_SIZE:,} (all if fewer)")
-    group.add_argument("--test-size", type=_size, default="all", metavar="N",
+    group.add_argument("--test-size", type=cli.size, default="all", metavar="N",
                        help="test on a class-balanced subset of N images. Default: all")
     group.add_argument("--no-augment", dest="augment", action="store_false",
                        help="turn off the standard augmentation (4-pixel pad + random crop, "
                             "horizontal flip)")
 
     group = parser.add_argument_group("batches and optimization")
-    group.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+    group.add_argument("--batch-size", type=cli.positive_int, default=None, metavar="B",
                        help="global batch size. Default: 128, or k x classes with balanced "
                             "batches")
     group.add_argument("--batch-structure", choices=BATCH_STRUCTURES, default="random",
                        help="random: shuffled batches (default); balanced: every batch holds "
                             "k images of every class")
-    group.add_argument("--examples-per-class", type=_positive_int, default=None, metavar="K",
+    group.add_argument("--examples-per-class", type=cli.positive_int, default=None, metavar="K",
                        help="k for balanced batches (batch size = k x classes). Default: 1")
-    group.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+    group.add_argument("--epochs", type=cli.positive_int, default=DEFAULT_EPOCHS,
                        help=f"Default: {DEFAULT_EPOCHS}")
-    group.add_argument("--steps-per-epoch", type=_positive_int, default=None, metavar="S",
+    group.add_argument("--steps-per-epoch", type=cli.positive_int, default=None, metavar="S",
                        help="batches per epoch (the data wraps around). Default: one pass")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                        help="sgd (momentum 0.9, default) or adamw")
-    group.add_argument("--lr", type=_positive_float, default=0.1,
+    group.add_argument("--lr", type=cli.positive_float, default=0.1,
                        help="learning rate at batch 128; scaled linearly with the global batch "
                             "size. Default: 0.1")
-    group.add_argument("--weight-decay", type=_non_negative_float, default=5e-4,
+    group.add_argument("--weight-decay", type=cli.non_negative_float, default=5e-4,
                        help="decoupled weight decay of conv and dense kernels. Default: 5e-4")
     group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                        help="cosine decay to 0 (default) or constant")
-    group.add_argument("--warmup-epochs", type=_non_negative_float, default=0.0,
+    group.add_argument("--warmup-epochs", type=cli.non_negative_float, default=0.0,
                        help="linear warm-up epochs before the cosine decay. Default: 0")
     group.add_argument("--seed", type=int, default=0, help="Default: 0")
 
     group = parser.add_argument_group("evaluation and output")
     group.add_argument("--eval", type=_eval_modes, default=("auto",), metavar="MODES",
                        help="comma-separated evaluation modes (see below). Default: auto")
-    group.add_argument("--recompute-steps", type=_positive_int, default=200, metavar="N",
+    group.add_argument("--recompute-steps", type=cli.positive_int, default=200, metavar="N",
                        help="training batches averaged by --eval recomputed. Default: 200")
     group.add_argument("--output", metavar="DIR",
                        help="output folder. Default: runs/cifar/<model>-<norm>-<placement>-"
@@ -236,14 +171,14 @@ def build_parser():
                        help="delete what --output holds and start again instead of resuming")
     group.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                        help="0 silent, 1 progress bar (default), 2 one line per epoch")
-    parser.add_argument("--stop-after-epochs", type=_positive_int, default=None,
+    parser.add_argument("--stop-after-epochs", type=cli.positive_int, default=None,
                         help=argparse.SUPPRESS)  # testing aid: die like a killed process
 
     group = parser.add_argument_group("hardware")
     group.add_argument("--strategy", choices=STRATEGIES, default="default",
                        help="default (one device), mirrored (all local GPUs, or the logical "
                             "CPUs of --cpu-replicas) or multiworker (from TF_CONFIG)")
-    group.add_argument("--cpu-replicas", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--cpu-replicas", type=cli.positive_int, default=None, metavar="N",
                        help="split the CPU into N logical devices (mirrored runs on a CPU)")
     group.add_argument("--jit", action="store_true",
                        help="compile the steps with XLA (on a CPU only with --strategy "

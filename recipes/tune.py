@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recipes.cifar import (DEFAULT_TRAIN_SIZE, _non_negative_float, _Parser, _positive_float,
-                           _positive_int, _size)
+from recipes import cli
+from recipes.cifar import DEFAULT_TRAIN_SIZE
 
 PROG = "python -m recipes.tune"
 DEFAULT_NORMS = ("batch", "group")
@@ -112,7 +112,7 @@ def _batch_size_list(text):
     sizes = []
     for item in _items(text):
         try:
-            sizes.append(_positive_int(item))
+            sizes.append(cli.positive_int(item))
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(
                 f"batch sizes must be positive integers, got {item!r} in {text!r}") from None
@@ -123,7 +123,7 @@ def _lr_list(text):
     rates = []
     for item in _items(text):
         try:
-            rates.append(_positive_float(item))
+            rates.append(cli.positive_float(item))
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(
                 f"learning rates must be numbers > 0, got {item!r} in {text!r}") from None
@@ -170,7 +170,7 @@ def build_parser():
     from recipes.training import OPTIMIZERS, SCHEDULES
     from recipes.tuning import TUNERS
 
-    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+    parser = cli.Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"a few minutes on a CPU: grid of norms {QUICK['norms']} x batch "
@@ -184,17 +184,17 @@ def build_parser():
                        help="random (default), bayesian, hyperband, or grid (= --grid)")
     group.add_argument("--grid", action="store_true",
                        help="every combination of the search space exactly once")
-    group.add_argument("--max-trials", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--max-trials", type=cli.positive_int, default=None, metavar="N",
                        help="trials at most. Default: 10 (random, bayesian), the whole grid "
                             "(grid), Hyperband's own plan (hyperband)")
-    group.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
+    group.add_argument("--epochs", type=cli.positive_int, default=DEFAULT_EPOCHS,
                        help=f"epochs per trial (hyperband: at most). Default: {DEFAULT_EPOCHS}")
-    group.add_argument("--initial-points", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--initial-points", type=cli.positive_int, default=None, metavar="N",
                        help="bayesian: random trials before the Gaussian process. Default: "
                             "3 x the number of tuned hyperparameters")
-    group.add_argument("--hyperband-factor", type=_positive_int, default=3, metavar="F",
+    group.add_argument("--hyperband-factor", type=cli.positive_int, default=3, metavar="F",
                        help="hyperband: reduction factor (>= 2). Default: 3")
-    group.add_argument("--hyperband-iterations", type=_positive_int, default=1, metavar="N",
+    group.add_argument("--hyperband-iterations", type=cli.positive_int, default=1, metavar="N",
                        help="hyperband: iterations of the whole algorithm. Default: 1")
 
     group = parser.add_argument_group("search space (comma-separated lists)")
@@ -222,11 +222,11 @@ def build_parser():
                             ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
     group.add_argument("--dataset", choices=("cifar10", "cifar100"),
                        help="a TFDS data set already prepared on this machine")
-    group.add_argument("--train-size", type=_size, default=None, metavar="N",
+    group.add_argument("--train-size", type=cli.size, default=None, metavar="N",
                        help=f"training images (class-balanced); 'all' for all the training "
                             f"split but the validation images. Default: {DEFAULT_TRAIN_SIZE:,} "
                             "(fewer if the split is smaller)")
-    group.add_argument("--val-size", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--val-size", type=cli.positive_int, default=None, metavar="N",
                        help=f"validation images held out of the training split. Default: "
                             f"{DEFAULT_VAL_SIZE:,}, at most a fifth of the split")
     group.add_argument("--no-augment", dest="augment", action="store_false",
@@ -235,11 +235,11 @@ def build_parser():
     group = parser.add_argument_group("optimization (as recipes.cifar)")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                        help="sgd (momentum 0.9, default) or adamw")
-    group.add_argument("--weight-decay", type=_non_negative_float, default=5e-4,
+    group.add_argument("--weight-decay", type=cli.non_negative_float, default=5e-4,
                        help="decoupled weight decay of conv and dense kernels. Default: 5e-4")
     group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                        help="cosine decay to 0 over each trial (default) or constant")
-    group.add_argument("--warmup-epochs", type=_non_negative_float, default=0.0,
+    group.add_argument("--warmup-epochs", type=cli.non_negative_float, default=0.0,
                        help="linear warm-up epochs. Default: 0")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of the data split, initialization, data order and the "
@@ -257,13 +257,13 @@ def build_parser():
     group.add_argument("--strategy", choices=("default", "mirrored"), default="default",
                        help="default (one device) or mirrored (every trial on all local GPUs, "
                             "or the logical CPUs of --cpu-replicas)")
-    group.add_argument("--cpu-replicas", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--cpu-replicas", type=cli.positive_int, default=None, metavar="N",
                        help="split the CPU into N logical devices (mirrored runs on a CPU)")
     # Testing aids: stop cleanly after N trials of this process; simulate Ctrl-C at the start
     # of this process's N-th trial.
-    parser.add_argument("--stop-after-trials", type=_positive_int, default=None,
+    parser.add_argument("--stop-after-trials", type=cli.positive_int, default=None,
                         help=argparse.SUPPRESS)
-    parser.add_argument("--interrupt-trial", type=_positive_int, default=None,
+    parser.add_argument("--interrupt-trial", type=cli.positive_int, default=None,
                         help=argparse.SUPPRESS)
     return parser
 

@@ -135,10 +135,9 @@ class NormBatchHyperModel(kt.HyperModel):
     def _compile(self, model, config, total_steps, steps_per_epoch, initial_step=0):
         """Compiles `model` with the optimizer of `recipes.training` for `config`."""
         with model.distribute_strategy.scope():
-            optimizer = training.make_optimizer(config, total_steps, steps_per_epoch)
             # As recipes.training: no weight decay on normalization parameters and biases.
-            optimizer.exclude_from_weight_decay(
-                var_list=[v for v in model.trainable_variables if v.name != "kernel"])
+            optimizer = training.make_optimizer(config, total_steps, steps_per_epoch,
+                                                model.trainable_variables)
             if initial_step:
                 # A continued trial (Hyperband) resumes the schedule where it stopped.
                 optimizer.iterations.assign(initial_step)
