@@ -11,10 +11,9 @@ from keras import constraints, initializers, regularizers
 
 from keras_norm import stats
 from keras_norm.layers import base
-from keras_norm.layers.frn import ChannelwiseNormalization
 
 
-class _EvoNorm(ChannelwiseNormalization):
+class _EvoNorm(base.ChannelwiseNormalization):
     """The part EvoNorm-B0 and -S0 share: the per-channel weight `v` and its arguments."""
 
     def __init__(self, axis, epsilon, v_initializer="ones", v_regularizer=None,
