@@ -1,7 +1,9 @@
 """The shared statistics every keras_norm layer uses.
 
 One place for: moments in float32 as `(count, mean, M2)`, the numerically stable cross-replica
-merge, ghost-batch grouping, moving-average updates and the normalize-then-affine step.
+merge, ghost-batch grouping, moving-average updates, the normalize-then-affine step and
+`standardize`, the training-mode normalization with a closed-form gradient that batch, ghost,
+group, instance and layer norm share.
 
 Why `(count, mean, M2)` rather than `(sum x, sum x^2)`: the variance `E[x^2] - E[x]^2` loses all
 precision in float32 when `|mean| >> std` (Keras 3's synchronized batch norm has this defect).

@@ -50,11 +50,13 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
     defaults, weights (names, order, shapes) and training/inference behaviour, so existing code
     and saved weights work unchanged. On top of it:
 
-    - `synchronized=True` computes exact cross-replica statistics: each replica's two-pass
-      `(count, mean, M2)` are merged with Chan's formula, so the result equals one device on
-      the global batch even when `|mean| >> std` (Keras uses `E[x^2] - E[x]^2`), replicas are
-      weighted by their true counts (uneven last batch, masks; an empty replica gives no NaN),
-      and gradients flow through the all-reduce. Outside a strategy it is plain BN.
+    - `synchronized=True` computes exact cross-replica statistics, equal to one device on the
+      global batch even when `|mean| >> std` (Keras uses `E[x^2] - E[x]^2`): the global mean
+      from all-reduced `(count, sum)`, then the all-reduced sum of squares about it (with a
+      mask: each replica's `(count, mean, M2)` merged with Chan's formula). Replicas are
+      weighted by their true counts (uneven last batch, masks; an empty replica gives no NaN).
+      The backward pass is the closed form of `keras_norm.stats.standardize`: one all-reduce
+      of two per-channel sums, as PyTorch's SyncBatchNorm. Outside a strategy it is plain BN.
     - `virtual_batch_size=v` (ghost batch norm, Hoffer et al. 2017): statistics per group of
       `v` consecutive examples of each replica's batch. A batch that `v` does not divide ends
       with one smaller group. Moving statistics track the count-weighted average of the
