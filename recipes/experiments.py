@@ -230,6 +230,7 @@ def _summarize_batch_structure(pairs, plot_path):
                  width, label=mode)
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     axis.set_xticklabels([f"{label}\n(batch {batch})" for label, batch, _ in rows])
+    axis.set_ylim(0, 1.4 * max(max(r[2]) for r in rows))  # room for the legend
     _label(axis, "", "Batch structure: training batches x evaluation statistics",
            ylabel="test error (%)", grid="y", legend_title="evaluation")
     _save(figure, plot_path)
@@ -370,6 +371,7 @@ def _summarize_population(pairs, plot_path):
     axis.bar([p + 0.2 for p in positions], recomputed, 0.4, label="recomputed after training")
     axis.set_xticks(list(positions))
     axis.set_xticklabels(labels)
+    axis.set_ylim(0, 1.3 * max(ema + recomputed))  # room for the legend above the bars
     _label(axis, "", "Population statistics: EMA vs recomputed", grid="y")
     _save(figure, plot_path)
     return lines
