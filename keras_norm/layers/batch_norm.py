@@ -237,10 +237,11 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         elif self._can_use_fused_kernel(x, mask, training):
             outputs = self._normalize_fused(x, self._is_training(training))
         elif mask is None and not (self.renorm and self._is_training(training)):
-            # Plain batch statistics (synchronized, other layouts, XLA): one op pair with a
-            # closed-form gradient instead of differentiating the composed moments.
-            outputs, moments = stats.standardize(x, self._reduction_axes, self.epsilon,
-                                                     gamma, beta, self.synchronized)
+            # Plain batch statistics the fused kernel does not cover (synchronized, other
+            # layouts and ranks, float64): a closed-form gradient instead of differentiating
+            # the composed moments.
+            outputs, moments = stats.standardize(x, self._reduction_axes, self.epsilon, gamma,
+                                                 beta, self.synchronized)
             if self._is_training(training):
                 self._update_statistics(moments.mean, moments.variance,
                                         tf.reduce_sum(moments.count) > 0)
@@ -321,7 +322,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         gamma = None if gamma is None else tf.reshape(gamma, shape)
         beta = None if beta is None else tf.reshape(beta, shape)
         outputs, moments = stats.standardize(grouped, [a + 1 for a in self._reduction_axes],
-                                                 self.epsilon, gamma, beta)
+                                             self.epsilon, gamma, beta)
         if training:
             batch_mean, batch_variance, count = stats.combine_groups(moments)
             self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0)
