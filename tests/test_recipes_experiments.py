@@ -67,7 +67,8 @@ def test_finished_runs_are_not_repeated(tmp_path, monkeypatch):
     for index, run in enumerate(experiment.runs):
         folder = tmp_path / experiment.name / run.name
         folder.mkdir(parents=True)
-        (folder / "results.json").write_text(json.dumps(_results(run, [0.1 * (index + 1)])))
+        (folder / "results.json").write_text(
+            json.dumps(_results(run, [0.1 * (index + 1)], epochs=5)))
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was started again")
@@ -77,6 +78,28 @@ def test_finished_runs_are_not_repeated(tmp_path, monkeypatch):
     assert [run.name for run, _ in pairs] == [run.name for run in experiment.runs]
     assert [r["evaluation"]["population"]["accuracy"] for _, r in pairs] == pytest.approx(
         [0.1 * (index + 1) for index in range(len(experiment.runs))])
+
+
+def test_a_run_whose_epochs_were_raised_is_resumed(tmp_path, monkeypatch):
+    experiment = experiments.EXPERIMENTS["placement"]
+    run = experiment.runs[0]
+    folder = tmp_path / run.name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(_results(run, [0.2, 0.3], epochs=2)))
+    started = []
+
+    def resume(command, **kwargs):
+        started.append(command)
+        (folder / "results.json").write_text(json.dumps(_results(run, [0.2] * 5, epochs=5)))
+
+        class Done:
+            returncode = 0
+        return Done()
+
+    monkeypatch.setattr(experiments.subprocess, "run", resume)
+    results = experiments._run_one(run, folder, threads=1)
+    assert len(started) == 1 and "--overwrite" not in started[0]
+    assert results["config"]["epochs"] == 5 == experiments._planned_epochs(run)
 
 
 def test_a_failed_run_is_reported(tmp_path, monkeypatch):
