@@ -172,8 +172,12 @@ def _accuracy(results, mode="population"):
     return results["evaluation"][mode]["accuracy"]
 
 
-def _minutes(pairs):
-    return sum(r["seconds"] for _, r in pairs) / 60
+def _run_minutes(results):
+    """Minutes a run spent training, testing each epoch and evaluating, over all the
+    processes that made it (a resumed run's `seconds` covers only its last process)."""
+    epochs = sum(row.get("seconds", 0.0) for row in results["training"]["history"])
+    evaluation = sum(m.get("seconds", 0.0) for m in results["evaluation"].values())
+    return (epochs + evaluation) / 60
 
 
 def _scale(pairs):
@@ -407,7 +411,8 @@ def _planned_epochs(run):
 
 
 def _run_one(run, folder, threads):
-    """Runs (or resumes) one run unless its results exist; returns its results dict.
+    """Runs (or resumes) one run unless its results exist; returns `(results, trained)`,
+    `trained` telling whether this call trained it.
 
     Results of fewer epochs than the run now asks for (its `--epochs` was raised) count as
     unfinished: the run resumes from its last checkpoint and trains the added epochs."""
@@ -416,7 +421,8 @@ def _run_one(run, folder, threads):
         finished = json.loads(results_path.read_text())["config"]["epochs"]
         if finished != _planned_epochs(run):
             results_path.unlink()
-    if not results_path.exists():
+    trained = not results_path.exists()
+    if trained:
         folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
                    TF_NUM_INTEROP_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2")
@@ -426,25 +432,29 @@ def _run_one(run, folder, threads):
         if process.returncode != 0:
             raise RuntimeError(f"run {run.name} failed (exit {process.returncode}); see "
                                f"{folder / 'log.txt'}")
-    return json.loads(results_path.read_text())
+    return json.loads(results_path.read_text()), trained
 
 
 def run_experiment(experiment, output, jobs):
-    """Runs every run of `experiment` (at most `jobs` at once); returns `[(run, results)]`."""
+    """Runs every run of `experiment` (at most `jobs` at once); returns `([(run, results)],
+    number of runs this call trained)`."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     folders = {run.name: output / experiment.name / run.name for run in experiment.runs}
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = {run.name: pool.submit(_run_one, run, folders[run.name], threads)
                    for run in experiment.runs}
-        results = {}
+        results, trained = {}, 0
         for run in experiment.runs:
-            results[run.name] = futures[run.name].result()
-            print(f"  done: {run.name} ({results[run.name]['seconds']:.0f} s)", flush=True)
-    return [(run, results[run.name]) for run in experiment.runs]
+            results[run.name], trained_now = futures[run.name].result()
+            trained += trained_now
+            print(f"  done: {run.name} ({_run_minutes(results[run.name]):.1f} min)", flush=True)
+    return [(run, results[run.name]) for run in experiment.runs], trained
 
 
-def write_section(name, text, path=MARKDOWN):
-    """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path`."""
+def write_section(name, text, path=None):
+    """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path`
+    (default: EXPERIMENTS.md)."""
+    path = MARKDOWN if path is None else path
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     document = path.read_text() if path.exists() else ""
     if begin in document and end in document:
@@ -456,15 +466,20 @@ def write_section(name, text, path=MARKDOWN):
     path.write_text(document)
 
 
-def summarize(experiment, pairs, wall_seconds, jobs):
-    """Writes the experiment's plot and its section of EXPERIMENTS.md; returns the section."""
+def summarize(experiment, pairs, jobs, wall_seconds=None, trained=0):
+    """Writes the experiment's plot and its section of EXPERIMENTS.md; returns the section.
+
+    `wall_seconds` and `trained`: how long this command took and how many runs it trained
+    (the rest were finished before)."""
     PLOTS.mkdir(parents=True, exist_ok=True)
     plot = PLOTS / f"{experiment.name}.png"
     lines = experiment.summarize(pairs, plot)
-    lines += ["", f"Runs: {len(pairs)}, {_minutes(pairs):.0f} run-minutes in all"
-              + (f", {wall_seconds / 60:.0f} minutes wall-clock" if wall_seconds else "")
-              + f" with {jobs} at a time on {os.cpu_count()} CPU cores ({platform.machine()}, "
-              f"TensorFlow {pairs[0][1]['versions']['tensorflow']}).",
+    total = sum(_run_minutes(results) for _, results in pairs)
+    wall = (f"; this command trained {trained} of them in {wall_seconds / 60:.0f} minutes "
+            "wall-clock" if trained else "")
+    lines += ["", f"Runs: {len(pairs)}, {total:.0f} run-minutes of training and evaluation in "
+              f"all, {jobs} at a time on {os.cpu_count()} CPU cores ({platform.machine()}, "
+              f"TensorFlow {pairs[0][1]['versions']['tensorflow']}){wall}.",
               "", f"![{experiment.title}](docs/experiments/{experiment.name}.png)"]
     text = "\n".join(lines)
     write_section(experiment.name, text)
@@ -506,11 +521,11 @@ def main(argv=None):
         if args.summarize_only:
             pairs = [(run, json.loads((args.output / name / run.name / "results.json")
                                       .read_text())) for run in experiment.runs]
-            wall = None
+            wall, trained = None, 0
         else:
-            pairs = run_experiment(experiment, args.output, args.jobs)
+            pairs, trained = run_experiment(experiment, args.output, args.jobs)
             wall = time.time() - started
-        print(summarize(experiment, pairs, wall, args.jobs))
+        print(summarize(experiment, pairs, args.jobs, wall, trained))
     return 0
 
 

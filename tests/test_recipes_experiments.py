@@ -74,7 +74,8 @@ def test_finished_runs_are_not_repeated(tmp_path, monkeypatch):
         raise AssertionError("a finished run was started again")
 
     monkeypatch.setattr(experiments.subprocess, "run", no_training)
-    pairs = experiments.run_experiment(experiment, tmp_path, jobs=2)
+    pairs, trained = experiments.run_experiment(experiment, tmp_path, jobs=2)
+    assert trained == 0
     assert [run.name for run, _ in pairs] == [run.name for run in experiment.runs]
     assert [r["evaluation"]["population"]["accuracy"] for _, r in pairs] == pytest.approx(
         [0.1 * (index + 1) for index in range(len(experiment.runs))])
@@ -97,8 +98,8 @@ def test_a_run_whose_epochs_were_raised_is_resumed(tmp_path, monkeypatch):
         return Done()
 
     monkeypatch.setattr(experiments.subprocess, "run", resume)
-    results = experiments._run_one(run, folder, threads=1)
-    assert len(started) == 1 and "--overwrite" not in started[0]
+    results, trained = experiments._run_one(run, folder, threads=1)
+    assert trained and len(started) == 1 and "--overwrite" not in started[0]
     assert results["config"]["epochs"] == 5 == experiments._planned_epochs(run)
 
 
@@ -192,6 +193,26 @@ def test_write_section_replaces_only_its_own_block(tmp_path):
     text = path.read_text()
     assert "old" not in text and "new table" in text and "keep" in text
     assert text.index("middle") < text.index("<!-- b:begin -->") < text.index("appended")
+
+
+def test_summarize_writes_the_section_and_the_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "MARKDOWN", tmp_path / "EXPERIMENTS.md")
+    monkeypatch.setattr(experiments, "PLOTS", tmp_path / "plots")
+    (tmp_path / "EXPERIMENTS.md").write_text("<!-- placement:begin -->\n<!-- placement:end -->\n")
+    experiment = experiments.EXPERIMENTS["placement"]
+    pairs = []
+    for run in experiment.runs:
+        results = _results(run, [0.2, 0.3])
+        for row in results["training"]["history"]:
+            row["seconds"] = 60.0
+        results["evaluation"]["population"]["seconds"] = 30.0
+        pairs.append((run, results))
+    text = experiments.summarize(experiment, pairs, jobs=2, wall_seconds=600, trained=2)
+    # 6 runs x (2 epochs x 1 min + 0.5 min of evaluation) = 15 run-minutes.
+    assert "Runs: 6, 15 run-minutes" in text
+    assert "this command trained 2 of them in 10 minutes wall-clock" in text
+    assert text in (tmp_path / "EXPERIMENTS.md").read_text()
+    assert (tmp_path / "plots" / "placement.png").exists()
 
 
 def test_dry_run_prints_the_commands(capsys):
