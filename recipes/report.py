@@ -138,6 +138,10 @@ def markdown(results, paths):
         lines.append(f"| {row['epoch']} | {row['loss']:.4f} | {_percent(row['accuracy'])} | "
                      f"{row['test_loss']:.4f} | {_percent(row['test_accuracy'])} | "
                      f"{row['learning_rate']:.4g} | {row['seconds']:.1f} |")
+    if training.get("diverged_at_epoch"):
+        lines += ["", f"**Training diverged in epoch {training['diverged_at_epoch']}** (the "
+                      "training loss became NaN or infinite) and stopped; the results above are "
+                      "those of the last finished epoch's weights."]
     if training["resumed_at_epoch"]:
         lines += ["", f"This run resumed from its checkpoint after epoch "
                       f"{training['resumed_at_epoch']}."]

@@ -489,6 +489,7 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
                                                config.mixed_precision)
     test_batches = test_examples(data).batch(config.batch_size)
     distributed_test = strategy.experimental_distribute_dataset(test_batches)
+    diverged_at = None
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.time()
         _print(config, is_chief, f"Epoch {epoch + 1}/{config.epochs}")
@@ -499,6 +500,15 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
         train_batches = strategy.experimental_distribute_dataset(
             _train_dataset(config, data, epoch, strategy.num_replicas_in_sync))
         loss, accuracy = _run_epoch(train_step, train_batches, progbar)
+        if not math.isfinite(loss):
+            # Every later step would only propagate NaN: stop, keep the last good checkpoint,
+            # and say so (results.json records the epoch).
+            diverged_at = epoch + 1
+            _print(config, is_chief, f"Training diverged in epoch {diverged_at}: the mean "
+                                     f"training loss is {loss}. Stopping; the last finished "
+                                     "epoch's weights are evaluated. Lower --lr or normalize "
+                                     "more layers.")
+            break
         test_loss, test_accuracy = _run_epoch(test_step, distributed_test)
         if progbar is not None:
             progbar.update(epoch_steps, [("loss", loss), ("accuracy", accuracy),
@@ -516,6 +526,9 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
 
     # Every worker reads the weights at the same point: under MultiWorkerMirroredStrategy,
     # reading replica-averaged statistics is a collective operation.
+    last_good = tf.train.latest_checkpoint(str(output / "checkpoints"))
+    if diverged_at is not None and last_good:
+        checkpoint.restore(last_good)  # every worker: the weights must stay identical
     eval_model = build_model(config, data)
     eval_model.set_weights(model.get_weights())
     folder = output if is_chief else output / f"worker-{worker_id}"
@@ -535,7 +548,7 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
                      "global_batch_size": config.batch_size,
                      "learning_rate": scaled_learning_rate(config),
                      "steps_per_epoch": epoch_steps, "resumed_at_epoch": start_epoch,
-                     "history": logs.rows},
+                     "diverged_at_epoch": diverged_at, "history": logs.rows},
     }
     if is_chief:
         results["evaluation"], results["skipped_evaluation"] = evaluate_modes(

@@ -260,6 +260,21 @@ def test_jit_compiles_the_steps(tmp_path, capsys):
     assert _results(tmp_path)["config"]["jit"] is True
 
 
+def test_a_diverging_run_stops_and_says_so(tmp_path, capsys):
+    """No normalization and an absurd learning rate: the loss becomes NaN; the run stops in
+    that epoch, says so, and records it instead of training on NaN."""
+    status, out, err = _main(["--data", SMALL_NPZ, "--train-size", "60", "--test-size", "20",
+                              "--batch-size", "20", "--norm", "none", "--epochs", "3", "--lr",
+                              "1e30", "--eval", "population", "--verbose", "2", "--output",
+                              str(tmp_path)], capsys)
+    assert status == 0, err
+    results = _results(tmp_path)
+    assert "Training diverged in epoch" in out
+    diverged = results["training"]["diverged_at_epoch"]
+    assert diverged is not None and len(results["training"]["history"]) == diverged - 1
+    assert "Training diverged" in (tmp_path / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- bad arguments
 BAD_ARGUMENTS = [
     (["--norm", "btach"], "Unknown normalization 'btach'. Did you mean 'batch'?"),

@@ -59,7 +59,7 @@ def test_the_issue_settings():
         "mn_cnn", "mixture", "2", "batch")
     placements = [cifar.parse_args(list(r.args))[1].placement
                   for r in experiments.EXPERIMENTS["placement"].runs]
-    assert placements == ["all", "first", "none"] * 2
+    assert placements == ["all", "first", "none"] * 3
 
 
 def test_finished_runs_are_not_repeated(tmp_path, monkeypatch):
@@ -176,10 +176,13 @@ def test_placement_summary_has_a_row_and_a_panel_per_model(tmp_path):
     experiment = experiments.EXPERIMENTS["placement"]
     pairs = [(run, _results(run, [0.2, 0.3 + 0.01 * index]))
              for index, run in enumerate(experiment.runs)]
+    pairs[5][1]["training"]["diverged_at_epoch"] = 2
     lines = experiment.summarize(pairs, tmp_path / "placement.png")
     rows = [line for line in lines if line.startswith("| small_cnn") or
             line.startswith("| resnet20")]
-    assert len(rows) == 6
+    assert len(rows) == 9
+    assert rows[5].split("|")[4] == " diverged in epoch 2 "
+    assert rows[6].startswith("| resnet20, lr 0.02 | after every conv |")
     assert rows[4].split("|")[4:6] == [" 34.00 ", " 34.00 "]
     assert (tmp_path / "placement.png").stat().st_size > 0
 
@@ -208,8 +211,8 @@ def test_summarize_writes_the_section_and_the_plot(tmp_path, monkeypatch):
         results["evaluation"]["population"]["seconds"] = 30.0
         pairs.append((run, results))
     text = experiments.summarize(experiment, pairs, jobs=2, wall_seconds=600, trained=2)
-    # 6 runs x (2 epochs x 1 min + 0.5 min of evaluation) = 15 run-minutes.
-    assert "Runs: 6, 15 run-minutes" in text
+    # 9 runs x (2 epochs x 1 min + 0.5 min of evaluation) = 22.5 run-minutes.
+    assert "Runs: 9, 22 run-minutes" in text
     assert "this command trained 2 of them in 10 minutes wall-clock" in text
     assert text in (tmp_path / "EXPERIMENTS.md").read_text()
     assert (tmp_path / "plots" / "placement.png").exists()
@@ -218,7 +221,7 @@ def test_summarize_writes_the_section_and_the_plot(tmp_path, monkeypatch):
 def test_dry_run_prints_the_commands(capsys):
     assert experiments.main(["placement", "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 6 and all(line.startswith("-m recipes.cifar") for line in lines)
+    assert len(lines) == 9 and all(line.startswith("-m recipes.cifar") for line in lines)
     assert "--placement first" in lines[1]
 
 
