@@ -141,7 +141,8 @@ def markdown(results, paths):
     if training.get("diverged_at_epoch"):
         lines += ["", f"**Training diverged in epoch {training['diverged_at_epoch']}** (the "
                       "training loss became NaN or infinite) and stopped; the results above are "
-                      "those of the last finished epoch's weights."]
+                      "those of the last finished epoch's weights, or of the diverged weights "
+                      "if none finished."]
     if training["resumed_at_epoch"]:
         lines += ["", f"This run resumed from its checkpoint after epoch "
                       f"{training['resumed_at_epoch']}."]

@@ -505,9 +505,8 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
             # and say so (results.json records the epoch).
             diverged_at = epoch + 1
             _print(config, is_chief, f"Training diverged in epoch {diverged_at}: the mean "
-                                     f"training loss is {loss}. Stopping; the last finished "
-                                     "epoch's weights are evaluated. Lower --lr or normalize "
-                                     "more layers.")
+                                     f"training loss is {loss}. Stopping. Lower --lr or "
+                                     "normalize more layers.")
             break
         test_loss, test_accuracy = _run_epoch(test_step, distributed_test)
         if progbar is not None:
@@ -526,9 +525,13 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
 
     # Every worker reads the weights at the same point: under MultiWorkerMirroredStrategy,
     # reading replica-averaged statistics is a collective operation.
-    last_good = tf.train.latest_checkpoint(str(output / "checkpoints"))
-    if diverged_at is not None and last_good:
-        checkpoint.restore(last_good)  # every worker: the weights must stay identical
+    if diverged_at is not None:
+        last_good = tf.train.latest_checkpoint(str(output / "checkpoints"))
+        if last_good:
+            checkpoint.restore(last_good)  # every worker: the weights must stay identical
+        _print(config, is_chief, f"Evaluating the weights after epoch {diverged_at - 1}, the "
+                                 "last finished one." if last_good else
+                                 "No epoch finished: the evaluation is of the diverged weights.")
     eval_model = build_model(config, data)
     eval_model.set_weights(model.get_weights())
     folder = output if is_chief else output / f"worker-{worker_id}"

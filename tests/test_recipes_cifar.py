@@ -270,6 +270,7 @@ def test_a_diverging_run_stops_and_says_so(tmp_path, capsys):
     assert status == 0, err
     results = _results(tmp_path)
     assert "Training diverged in epoch" in out
+    assert ("No epoch finished" in out) == (results["training"]["diverged_at_epoch"] == 1)
     diverged = results["training"]["diverged_at_epoch"]
     assert diverged is not None and len(results["training"]["history"]) == diverged - 1
     assert "Training diverged" in (tmp_path / "report.md").read_text()
