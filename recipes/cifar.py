@@ -119,11 +119,7 @@ def build_parser():
                        help="norm at the positions --placement leaves out (default: none)")
 
     group = parser.add_argument_group("data")
-    group.add_argument("--data", metavar="PATH",
-                       help="class-folder tree (train/<class>/*.jpg, test/<class>/*.jpg), a "
-                            ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
-    group.add_argument("--dataset", choices=("cifar10", "cifar100"),
-                       help="a TFDS data set already prepared on this machine")
+    cli.add_data_source_arguments(group)
     group.add_argument("--train-size", type=cli.size, default=None, metavar="N",
                        help=f"train on a class-balanced subset of N images; 'all' for every "
                             f"image. Default: {DEFAULT_TRAIN_SIZE:,} (all if fewer)")

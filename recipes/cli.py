@@ -69,3 +69,12 @@ def norm_kwargs(text):
         except json.JSONDecodeError:
             result[key.strip()] = raw.strip()
     return result
+
+
+def add_data_source_arguments(group):
+    """`--data` and `--dataset`, the data sources every recipe reads."""
+    group.add_argument("--data", metavar="PATH",
+                       help="class-folder tree (train/<class>/*.jpg, test/<class>/*.jpg), a "
+                            ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
+    group.add_argument("--dataset", choices=("cifar10", "cifar100"),
+                       help="a TFDS data set already prepared on this machine")

@@ -108,26 +108,23 @@ def _norm_list(text):
     return _unique(names)
 
 
-def _batch_size_list(text):
-    sizes = []
+def _parsed_list(text, parse, what):
+    """The sorted distinct values of a comma/space-separated list, each parsed by `parse`."""
+    values = []
     for item in _items(text):
         try:
-            sizes.append(cli.positive_int(item))
+            values.append(parse(item))
         except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(
-                f"batch sizes must be positive integers, got {item!r} in {text!r}") from None
-    return sorted(set(sizes))
+            raise argparse.ArgumentTypeError(f"{what}, got {item!r} in {text!r}") from None
+    return sorted(set(values))
+
+
+def _batch_size_list(text):
+    return _parsed_list(text, cli.positive_int, "batch sizes must be positive integers")
 
 
 def _lr_list(text):
-    rates = []
-    for item in _items(text):
-        try:
-            rates.append(cli.positive_float(item))
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(
-                f"learning rates must be numbers > 0, got {item!r} in {text!r}") from None
-    return sorted(set(rates))
+    return _parsed_list(text, cli.positive_float, "learning rates must be numbers > 0")
 
 
 def _model_list(text):
@@ -217,11 +214,7 @@ def build_parser():
                        help="constructor arguments per norm: '{\"group\": {\"groups\": 8}}'")
 
     group = parser.add_argument_group("data (as recipes.cifar)")
-    group.add_argument("--data", metavar="PATH",
-                       help="class-folder tree (train/<class>/*.jpg, test/<class>/*.jpg), a "
-                            ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
-    group.add_argument("--dataset", choices=("cifar10", "cifar100"),
-                       help="a TFDS data set already prepared on this machine")
+    cli.add_data_source_arguments(group)
     group.add_argument("--train-size", type=cli.size, default=None, metavar="N",
                        help=f"training images (class-balanced); 'all' for all the training "
                             f"split but the validation images. Default: {DEFAULT_TRAIN_SIZE:,} "
