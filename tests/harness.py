@@ -4,7 +4,8 @@ A `LayerCase` names a layer factory, an input shape and an independent NumPy ref
 `check_*` functions each assert one property:
 
 - `check_reference`: training-mode outputs, moving statistics after every step, inference-mode
-  outputs (and input gradients, when the reference provides them) match the reference;
+  outputs (and input gradients, when the reference provides them) match the reference, both
+  eagerly and traced into a graph (the XLA-compiled kernels' path);
 - `check_jit`: `jit_compile=True` equals eager, for outputs and state, in both modes;
 - `check_serialization`: `get_config` is unchanged by `build`, `from_config` and `.keras`
   save/load round trips give identical outputs;
@@ -126,28 +127,47 @@ def assert_state_equal(layer, expected, case, what):
 
 # ------------------------------------------------------------------------------------ checks
 def check_reference(case, seed=0):
-    """Outputs, moving statistics and inference outputs match the NumPy reference."""
+    """Outputs, moving statistics and inference outputs match the NumPy reference, run eagerly
+    (plain ops) and traced into a graph (where layers call their XLA-compiled kernels)."""
+    for execution in ("eager", "graph"):
+        _check_reference(case, seed, execution)
+
+
+def _check_reference(case, seed, execution):
     layer = build_randomized(case, seed)
     reference = case.reference(weights_by_name(layer))
+    wants_gradient = hasattr(reference, "input_gradient")
+
+    def train(x, dy):
+        if not wants_gradient:
+            return layer(x, training=True), tf.zeros([])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        return y, tape.gradient(loss, x)
+
+    def infer(x):
+        return layer(x, training=False)
+
+    if execution == "graph":
+        train, infer = tf.function(train), tf.function(infer)
+    where = f"({execution})"
     for step in range(case.steps):
         x = case.inputs(seed + step)
-        if hasattr(reference, "input_gradient"):
-            dy_shape = case.output_shape(x.shape)
-            dy = np.random.default_rng(seed + 77 + step).normal(size=dy_shape).astype("float32")
-            xt = tf.constant(x)
-            with tf.GradientTape() as tape:
-                tape.watch(xt)
-                y = layer(xt, training=True)
-                loss = tf.reduce_sum(y * dy)
-            expected_dx = reference.input_gradient(x, dy)
-            assert_close(tape.gradient(loss, xt), expected_dx, case, f"input gradient, step {step}")
-        else:
-            y = layer(x, training=True)
-        assert_close(y, reference.train(x), case, f"training output, step {step}")
-        assert_state_equal(layer, reference.state(), case, f"state after step {step}")
+        dy = np.zeros([], "float32")
+        if wants_gradient:
+            dy = np.random.default_rng(seed + 77 + step).normal(
+                size=case.output_shape(x.shape)).astype("float32")
+        y, dx = train(tf.constant(x), tf.constant(dy))
+        if wants_gradient:
+            assert_close(dx, reference.input_gradient(x, dy), case,
+                         f"input gradient, step {step} {where}")
+        assert_close(y, reference.train(x), case, f"training output, step {step} {where}")
+        assert_state_equal(layer, reference.state(), case, f"state after step {step} {where}")
     x = case.inputs(seed + 99)
-    assert_close(layer(x, training=False), reference.infer(x), case, "inference output")
-    assert_state_equal(layer, reference.state(), case, "state after inference")
+    assert_close(infer(tf.constant(x)), reference.infer(x), case, f"inference output {where}")
+    assert_state_equal(layer, reference.state(), case, f"state after inference {where}")
 
 
 def _run_steps(layer, inputs, training, jit):

@@ -2,6 +2,7 @@
 gradient (the layers' tests cover them again inside each layer)."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_norm import stats
@@ -26,71 +27,163 @@ def test_merge_moments_equals_two_pass_moments_of_the_union():
                                rtol=1e-3, atol=1e-5)
 
 
-def _numpy_batch_norm(x, axes, gamma, beta, epsilon, dy):
+def _numpy_standardize(x, axes, gamma, beta, epsilon, dy, center):
     """Forward values, the input gradient and the per-element gamma and beta gradient terms
-    of standardization over `axes` (gamma may vary along them)."""
+    of standardization over `axes` (gamma may vary along them); without `center`, division
+    by the root mean square."""
     x = x.astype("float64")
-    mean = x.mean(axes, keepdims=True)
-    var = x.var(axes, keepdims=True)
+    mean = x.mean(axes, keepdims=True) if center else 0.0
+    var = ((x - mean) ** 2).mean(axes, keepdims=True)
     x_hat = (x - mean) / np.sqrt(var + epsilon)
     n = np.prod([x.shape[a] for a in axes])
     d_x_hat = dy * gamma
-    d_x = (n * d_x_hat - d_x_hat.sum(axes, keepdims=True)
-           - x_hat * (d_x_hat * x_hat).sum(axes, keepdims=True)) / (n * np.sqrt(var + epsilon))
-    return x_hat * gamma + beta, d_x, (dy * x_hat), dy
+    d_x = n * d_x_hat - x_hat * (d_x_hat * x_hat).sum(axes, keepdims=True)
+    if center:
+        d_x = d_x - d_x_hat.sum(axes, keepdims=True)
+    d_x = d_x / (n * np.sqrt(var + epsilon))
+    return x_hat * gamma + beta, d_x, (dy * x_hat), dy, mean, var
 
 
-def _check_standardize(x, axes, gamma, beta, parameter_axes, dy):
+#: How `standardize` runs: eagerly (plain ops), traced into a graph (the XLA-compiled kernels
+#: by default) and traced with the kernels turned off.
+EXECUTIONS = ["eager", "graph", "graph_without_xla_kernels"]
+
+
+def _run(execution, function):
+    if execution == "eager":
+        return function()
+    previous = stats.set_xla_kernels(execution == "graph")
+    try:
+        return tf.function(function)()
+    finally:
+        stats.set_xla_kernels(previous)
+
+
+def _check_standardize(x, axes, gamma, beta, parameter_axes, dy, execution, center=True):
     """`stats.standardize` values and gradients against NumPy; `parameter_axes` are the
     axes gamma/beta share (their gradients sum over them)."""
     xt, gt, bt = (tf.constant(v) for v in (x, gamma, beta))
-    with tf.GradientTape() as tape:
-        tape.watch([xt, gt, bt])
-        y, moments = stats.standardize(xt, axes, 1e-3, gt, bt)
-        loss = tf.reduce_sum(y * dy)
-    d_x, d_gamma, d_beta = tape.gradient(loss, [xt, gt, bt])
-    expected_y, expected_dx, gamma_terms, beta_terms = _numpy_batch_norm(
-        x, tuple(axes), gamma, beta, 1e-3, dy)
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch([xt, gt, bt])
+            y, moments = stats.standardize(xt, axes, 1e-3, gt, bt, center=center)
+            loss = tf.reduce_sum(y * dy)
+        return (y, moments.mean, moments.variance), tape.gradient(loss, [xt, gt, bt])
+
+    (y, mean, variance), (d_x, d_gamma, d_beta) = _run(execution, step)
+    expected_y, expected_dx, gamma_terms, beta_terms, expected_mean, expected_var = (
+        _numpy_standardize(x, tuple(axes), gamma, beta, 1e-3, dy, center))
     np.testing.assert_allclose(y, expected_y, atol=1e-5)
     np.testing.assert_allclose(d_x, expected_dx, atol=1e-5)
     np.testing.assert_allclose(d_gamma, gamma_terms.sum(parameter_axes, keepdims=True),
                                atol=1e-4)
     np.testing.assert_allclose(d_beta, beta_terms.sum(parameter_axes, keepdims=True), atol=1e-4)
-    np.testing.assert_allclose(moments.mean.numpy(), x.mean(tuple(axes), keepdims=True),
-                               atol=1e-5)
-    np.testing.assert_allclose(moments.variance.numpy(), x.var(tuple(axes), keepdims=True),
-                               rtol=1e-5)
+    np.testing.assert_allclose(mean.numpy() + np.zeros_like(expected_var), expected_mean
+                               + np.zeros_like(expected_var), atol=1e-5)
+    np.testing.assert_allclose(variance.numpy(), expected_var, rtol=1e-5)
 
 
-def test_standardize_per_group_matches_numpy():
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "rms"])
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_standardize_per_group_matches_numpy(execution, center):
     """Ghost-batch layout `(G, v, H, C)`: statistics per group, gamma/beta shared by groups."""
     rng = np.random.default_rng(1)
     x = rng.normal(3.0, 2.0, (3, 4, 5, 2)).astype("float32")
     gamma = rng.uniform(0.5, 1.5, (1, 1, 1, 2)).astype("float32")
     beta = rng.normal(size=(1, 1, 1, 2)).astype("float32")
-    _check_standardize(x, [1, 2], gamma, beta, (0, 1, 2), rng.normal(size=x.shape))
+    _check_standardize(x, [1, 2], gamma, beta, (0, 1, 2), rng.normal(size=x.shape), execution,
+                       center)
 
 
-def test_standardize_with_parameters_along_the_reduced_axes():
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "rms"])
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_standardize_with_parameters_along_the_reduced_axes(execution, center):
     """Layer norm: statistics per example over (H, W), gamma and beta per (H, W) position."""
     rng = np.random.default_rng(3)
     x = rng.normal(-2.0, 3.0, (4, 5, 6)).astype("float32")
     gamma = rng.uniform(0.5, 1.5, (1, 5, 6)).astype("float32")
     beta = rng.normal(size=(1, 5, 6)).astype("float32")
-    _check_standardize(x, [1, 2], gamma, beta, (0,), rng.normal(size=x.shape))
+    _check_standardize(x, [1, 2], gamma, beta, (0,), rng.normal(size=x.shape), execution,
+                       center)
 
 
-def test_standardize_group_norm_layout():
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_standardize_group_norm_layout(execution):
     """Group norm on `(B, H, G, C/G)`: parameters vary along a reduced axis (C/G) and are
     shared over the examples; statistics per example and group."""
     rng = np.random.default_rng(4)
     x = rng.normal(1.0, 2.0, (3, 5, 2, 4)).astype("float32")
     gamma = rng.uniform(0.5, 1.5, (1, 1, 2, 4)).astype("float32")
     beta = rng.normal(size=(1, 1, 2, 4)).astype("float32")
-    _check_standardize(x, [1, 3], gamma, beta, (0, 1), rng.normal(size=x.shape))
+    _check_standardize(x, [1, 3], gamma, beta, (0, 1), rng.normal(size=x.shape), execution)
+
+
+def test_graph_mode_calls_the_compiled_kernels():
+    """Traced into a graph, `standardize` calls XLA-compiled functions; with the kernels off,
+    or eagerly, it does not (the kernels are an implementation choice the switch controls)."""
+    x = tf.random.normal((4, 3))
+
+    def compiled_functions(enabled):
+        previous = stats.set_xla_kernels(enabled)
+        try:
+            graph = tf.function(lambda: stats.standardize(x, [0], 1e-3)[0]).get_concrete_function()
+        finally:
+            stats.set_xla_kernels(previous)
+        library = graph.graph.as_graph_def().library.function
+        return [f.signature.name for f in library
+                if f.attr.get("_XlaMustCompile") and f.attr["_XlaMustCompile"].b]
+
+    assert compiled_functions(True)
+    assert not compiled_functions(False)
+
+
+def test_set_xla_kernels_rejects_non_bool():
+    with pytest.raises(TypeError, match="set_xla_kernels.*enabled.*1"):
+        stats.set_xla_kernels(1)
 
 
 def test_standardize_without_affine_parameters():
     x = np.random.default_rng(2).normal(-4.0, 0.1, (16, 3)).astype("float32")
     y, _ = stats.standardize(tf.constant(x), [0], 1e-5)
     np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-4)
+
+
+def _control_flow_gradients(use_kernels):
+    """Gradients of `standardize` inside `tf.cond` and `tf.while_loop` in a graph."""
+    x = tf.constant(np.random.default_rng(5).normal(2.0, 3.0, (6, 5)), tf.float32)
+    weights = tf.range(5.0) ** 2
+
+    def conditional(x):
+        return tf.cond(tf.reduce_sum(x) > -1e9, lambda: stats.standardize(x, [1], 1e-3)[0],
+                       lambda: 2.0 * x)
+
+    def looped(x):
+        return tf.while_loop(
+            lambda i, h: i < 3,
+            lambda i, h: (i + 1, stats.standardize(h * 1.5, [0], 1e-3, center=False)[0]),
+            [0, x])[1]
+
+    @tf.function
+    def gradients(x):
+        result = []
+        for function in (conditional, looped):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(function(x) * weights)
+            result.append(tape.gradient(loss, x))
+        return result
+
+    previous = stats.set_xla_kernels(use_kernels)
+    try:
+        return [g.numpy() for g in gradients(x)]
+    finally:
+        stats.set_xla_kernels(previous)
+
+
+def test_compiled_kernels_differentiate_inside_control_flow():
+    """A compiled kernel's gradient inside a `tf.cond` branch or a `tf.while_loop` body (a
+    layer in a conditional branch or an RNN cell) builds and equals the plain ops'."""
+    for with_kernels, plain in zip(_control_flow_gradients(True), _control_flow_gradients(False)):
+        assert np.abs(plain).max() > 1e-3
+        np.testing.assert_allclose(with_kernels, plain, atol=1e-5)

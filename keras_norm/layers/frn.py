@@ -127,11 +127,15 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
 
     def call(self, inputs):
         x = base.to_statistics_dtype(inputs)
-        nu2 = stats.mean_square(x, self._spatial_axes)  # no spatial axes: x ** 2
-        epsilon = tf.constant(self.epsilon, x.dtype)
-        if self.eps_learned is not None:
-            epsilon = epsilon + tf.abs(tf.cast(self.eps_learned, x.dtype))
-        outputs = self._apply_affine(x, tf.math.rsqrt(nu2 + epsilon))
+        if self.eps_learned is None:
+            # x / sqrt(mean(x^2) + eps) with a closed-form gradient (see stats.standardize).
+            gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
+            outputs, _ = stats.standardize(x, self._spatial_axes, self.epsilon, gamma, beta,
+                                           center=False)
+        else:
+            nu2 = stats.mean_square(x, self._spatial_axes)  # no spatial axes: x ** 2
+            epsilon = self.epsilon + tf.abs(tf.cast(self.eps_learned, x.dtype))
+            outputs = self._apply_affine(x, tf.math.rsqrt(nu2 + epsilon))
         if self.tau is not None:
             outputs = tf.maximum(outputs, self._channel_parameter(self.tau, x.dtype))
         return tf.cast(outputs, self.compute_dtype)

@@ -86,9 +86,14 @@ class RMSNormalization(FeatureAxesMixin, keras.layers.Layer):
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
         axes, shape = self._feature_axes(x)
-        mean_square = stats.mean_square(x, axes, self._statistics_mask(mask, x, axes))
-        inv = tf.math.rsqrt(mean_square + self.epsilon)
-        outputs = x * (inv * tf.reshape(tf.cast(self.scale, x.dtype), shape))
+        scale = tf.reshape(tf.cast(self.scale, x.dtype), shape)
+        statistics_mask = self._statistics_mask(mask, x, axes)
+        if statistics_mask is None:
+            # x / sqrt(mean(x^2) + eps) with a closed-form gradient (see stats.standardize).
+            outputs, _ = stats.standardize(x, axes, self.epsilon, scale, center=False)
+        else:
+            mean_square = stats.mean_square(x, axes, statistics_mask)
+            outputs = x * (tf.math.rsqrt(mean_square + self.epsilon) * scale)
         return tf.cast(outputs, self.compute_dtype)
 
     def get_config(self):

@@ -57,6 +57,25 @@ class FilterResponseNormReference(_ChannelReference):
             y = np.maximum(y, self.w["tau"])
         return self._restore(y, shape)
 
+    def input_gradient(self, x, dy):
+        """d sum(z * dy) / dx, written per (example, channel) from
+        `z = max(gamma * x * (nu2 + eps)^(-1/2) + beta, tau)`, `nu2 = mean(x^2)`."""
+        xl, shape = self._channels_last(x)
+        dyl, _ = self._channels_last(dy)
+        eps = self.eps + (abs(self.w["learned_epsilon"][0]) if self.learned_epsilon else 0.0)
+        channels = xl.shape[2]
+        gamma, beta = self._param("gamma", 1.0, channels), self._param("beta", 0.0, channels)
+        dx = np.empty_like(xl)
+        for n in range(xl.shape[0]):
+            for c in range(channels):
+                values, upstream = xl[n, :, c], dyl[n, :, c]
+                inv = 1.0 / np.sqrt(np.mean(values ** 2) + eps)
+                if self.use_tlu:  # the TLU passes the gradient where the affine output wins
+                    upstream = upstream * (gamma[c] * values * inv + beta[c] >= self.w["tau"][c])
+                g = upstream * gamma[c]
+                dx[n, :, c] = inv * g - inv ** 3 * values * np.mean(g * values)
+        return self._restore(dx, shape)
+
 
 class EvoNormB0Reference(_ChannelReference):
     """`x / max(sqrt(var_batch + eps), v x + sqrt(var_instance + eps)) * gamma + beta`."""
