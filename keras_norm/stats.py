@@ -15,6 +15,7 @@ Chan et al.'s parallel formula, which is exact in the same cases as the two-pass
 A replica (or a masked-out group) with `n_r = 0` contributes nothing and never produces a NaN.
 """
 
+import functools
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -200,6 +201,73 @@ def normalize(x, mean, variance, epsilon, gamma=None, beta=None):
     return x * inv + offset
 
 
+# Whether the local (unsynchronized) passes of `standardize` and the other closed-form
+# kernels run XLA-compiled. Read when a layer's call is traced.
+_XLA_KERNELS = True
+
+
+def set_xla_kernels(enabled):
+    """Turns the XLA-compiled kernels of keras_norm's layers on (the default) or off.
+
+    With them on, each layer's training-mode forward and backward pass runs as one compiled
+    kernel in a `tf.function` (e.g. `Model.fit`) even when the model is not compiled with
+    `jit_compile=True` (about 1.5-2x faster forward+backward on CPU; the same results within
+    float rounding). Eager calls always run plain ops. Turn them off where XLA
+    is unavailable or unwanted (e.g. converting to TFLite); layers traced afterwards use plain
+    TensorFlow ops. Inside a `jit_compile=True` model both give the same compiled program.
+
+    Args:
+        enabled: Python bool.
+
+    Returns:
+        The previous setting.
+    """
+    global _XLA_KERNELS
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_xla_kernels: `enabled` must be a bool. Received: enabled={enabled!r}")
+    previous, _XLA_KERNELS = _XLA_KERNELS, enabled
+    return previous
+
+
+def xla_kernels_enabled():
+    """Whether keras_norm's layers use XLA-compiled kernels (see `set_xla_kernels`)."""
+    return _XLA_KERNELS
+
+
+def use_xla_kernels():
+    """Whether a layer traced now should call its XLA-compiled kernels: when they are enabled
+    and the call is being traced into a graph. Eager calls (debugging, `run_eagerly=True`) run
+    the same math as plain ops, step by step, with no per-shape compilation."""
+    return _XLA_KERNELS and not tf.executing_eagerly()
+
+
+class kernel:  # noqa: N801 (used as a decorator)
+    """Decorator: a function of tensors (and keyword-only Python arguments) that runs as one
+    XLA-compiled kernel when `use_xla_kernels()` and as plain ops otherwise.
+
+    The compiled version is a `tf.function(jit_compile=True)` traced once per input signature
+    (XLA specializes each concrete shape when it runs); `.plain` is the undecorated function,
+    for callers that must stay outside XLA (cross-replica collectives). Layers pair a forward
+    and a backward kernel under `tf.custom_gradient`, so that neither pass keeps full-size
+    intermediates for the other.
+    """
+
+    def __init__(self, function):
+        self.plain = function
+        self.compiled = tf.function(function, jit_compile=True)
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *tensors, **static):
+        if not use_xla_kernels():
+            return self.plain(*tensors, **static)
+        # A compiled function captures its arguments into the caller's graph inside an XLA
+        # context; in the gradient graph of a `tf.cond` branch, capturing a forward-pass tensor
+        # that way takes cond_v2's XLA-only path and the gradient fails ("Could not find
+        # external tensor capture"). An identity outside the call captures it the ordinary
+        # way (and copies nothing).
+        return self.compiled(*[tf.identity(t) for t in tensors], **static)
+
+
 def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, center=True):
     """`gamma * (x - mean) / sqrt(var + epsilon) + beta` with moments over `axes` and a
     hand-written backward pass: the training-mode step of batch, ghost, group, instance and
@@ -247,9 +315,8 @@ def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, cen
     beta = tf.zeros([1] * rank, x.dtype) if beta is None else beta
     static = {"axes": tuple(axes), "center": bool(center), "sync": sync}
     forward_pass, backward_pass = _standardize_forward, _standardize_backward
-    if not sync and use_xla_kernels():
-        forward_pass = _kernel_call(_standardize_forward_kernel)
-        backward_pass = _kernel_call(_standardize_backward_kernel)
+    if sync:  # collectives stay outside XLA (see above)
+        forward_pass, backward_pass = forward_pass.plain, backward_pass.plain
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
@@ -267,6 +334,7 @@ def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, cen
     return outputs, moments
 
 
+@kernel
 def _standardize_forward(x, gamma, beta, *, axes, epsilon, center, sync):
     """`standardize`'s forward pass: `(outputs, count, mean, m2, inv_std)`."""
     count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), tf.constant(axes, tf.int32))),
@@ -290,6 +358,7 @@ def _standardize_forward(x, gamma, beta, *, axes, epsilon, center, sync):
     return outputs, count, mean, m2, inv_std
 
 
+@kernel
 def _standardize_backward(d_outputs, x, mean, inv_std, count, gamma, beta, *, axes, center,
                           sync):
     """`standardize`'s backward pass: the gradients of `x`, `gamma` and `beta`."""
@@ -302,14 +371,14 @@ def _standardize_backward(d_outputs, x, mean, inv_std, count, gamma, beta, *, ax
     # Recomputed rather than kept from the forward pass: one subtraction fused into this
     # kernel costs less than holding a second full-size tensor until the backward pass.
     centred = x - mean if center else x
-    sum_dy = _reduce_sum(d_outputs, inner)
-    sum_dy_centred = _reduce_sum(d_outputs * centred, inner)
+    sum_dy = sum_over(d_outputs, inner)
+    sum_dy_centred = sum_over(d_outputs * centred, inner)
     # gamma and beta get this replica's own gradient; the optimizer sums replicas.
-    d_gamma = _sum_to(sum_dy_centred * inv_std, gamma)
-    d_beta = _sum_to(sum_dy, beta)
+    d_gamma = sum_to(sum_dy_centred * inv_std, gamma)
+    d_beta = sum_to(sum_dy, beta)
     # The sums of g = dy * gamma and g * (x - mean) over all of `axes`.
-    sum_g = _reduce_sum(sum_dy * gamma, outer)
-    sum_g_centred = _reduce_sum(sum_dy_centred * gamma, outer)
+    sum_g = sum_over(sum_dy * gamma, outer)
+    sum_g_centred = sum_over(sum_dy_centred * gamma, outer)
     if sync:
         sum_g, sum_g_centred = all_reduce_sum((sum_g, sum_g_centred))
     projection = tf.math.divide_no_nan(sum_g_centred, count) * tf.square(inv_std)
@@ -319,76 +388,12 @@ def _standardize_backward(d_outputs, x, mean, inv_std, count, gamma, beta, *, ax
     return d_x, d_gamma, d_beta
 
 
-# Whether the local (unsynchronized) passes of `standardize` and the other closed-form
-# kernels run XLA-compiled. Read when a layer's call is traced.
-_XLA_KERNELS = True
-
-
-def set_xla_kernels(enabled):
-    """Turns the XLA-compiled kernels of keras_norm's layers on (the default) or off.
-
-    With them on, each layer's training-mode forward and backward pass runs as one compiled
-    kernel in a `tf.function` (e.g. `Model.fit`) even when the model is not compiled with
-    `jit_compile=True` (about 1.5-2x faster forward+backward on CPU; the same results within
-    float rounding). Eager calls always run plain ops. Turn them off where XLA
-    is unavailable or unwanted (e.g. converting to TFLite); layers traced afterwards use plain
-    TensorFlow ops. Inside a `jit_compile=True` model both give the same compiled program.
-
-    Args:
-        enabled: Python bool.
-
-    Returns:
-        The previous setting.
-    """
-    global _XLA_KERNELS
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_xla_kernels: `enabled` must be a bool. Received: enabled={enabled!r}")
-    previous, _XLA_KERNELS = _XLA_KERNELS, enabled
-    return previous
-
-
-def xla_kernels_enabled():
-    """Whether keras_norm's layers use XLA-compiled kernels (see `set_xla_kernels`)."""
-    return _XLA_KERNELS
-
-
-def use_xla_kernels():
-    """Whether a layer traced now should call its XLA-compiled kernels: when they are enabled
-    and the call is being traced into a graph. Eager calls (debugging, `run_eagerly=True`) run
-    the same math as plain ops, step by step, with no per-shape compilation."""
-    return _XLA_KERNELS and not tf.executing_eagerly()
-
-
-def _compiled(function):
-    """`function` as an XLA-compiled `tf.function` (traced once per input signature; XLA
-    specializes each concrete shape when it runs)."""
-    return tf.function(function, jit_compile=True)
-
-
-def _kernel_call(kernel):
-    """Calls the compiled `kernel` on tensors first brought into the calling graph.
-
-    A compiled function captures its arguments into the caller's graph inside an XLA context.
-    In the gradient graph of a `tf.cond` branch, capturing a forward-pass tensor that way takes
-    cond_v2's XLA-only path and the gradient fails ("Could not find external tensor capture");
-    an identity outside the call captures it the ordinary way (and copies nothing).
-    """
-
-    def call(*tensors, **static):
-        return kernel(*[tf.identity(t) for t in tensors], **static)
-
-    return call
-
-
-_standardize_forward_kernel = _compiled(_standardize_forward)
-_standardize_backward_kernel = _compiled(_standardize_backward)
-
-
-def _reduce_sum(value, axes):
+def sum_over(value, axes):
+    """`value` summed over `axes` (kept as size 1); `value` itself when there are none."""
     return tf.reduce_sum(value, axes, keepdims=True) if axes else value
 
 
-def _sum_to(gradient, parameter):
+def sum_to(gradient, parameter):
     """`gradient` summed over the axes on which `parameter` has size 1 (and it has not)."""
     axes = [axis for axis, size in enumerate(parameter.shape)
             if size == 1 and gradient.shape[axis] != 1]

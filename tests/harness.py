@@ -246,7 +246,7 @@ def check_mixed_precision(case, seed=0):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _gradient_step(layer, x, dy, training):
+def gradient_step(layer, x, dy, training):
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x, training=training)
@@ -272,13 +272,13 @@ def check_distributed(case, strategy, seed=0, training=True):
 
     @tf.function
     def replica_step(x, dy):
-        return _gradient_step(distributed, x, dy, training)
+        return gradient_step(distributed, x, dy, training)
 
     for step in range(case.steps):
         x = case.inputs(seed + step)
         dy_shape = case.output_shape(x.shape)
         dy = np.random.default_rng(seed + 50 + step).normal(size=dy_shape).astype("float32")
-        y, dx, dw = _gradient_step(single, tf.constant(x), tf.constant(dy), training)
+        y, dx, dw = gradient_step(single, tf.constant(x), tf.constant(dy), training)
 
         xs, dys = np.split(x, replicas), np.split(dy, replicas)
         per_x = strategy.experimental_distribute_values_from_function(

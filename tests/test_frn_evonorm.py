@@ -8,6 +8,7 @@ import tensorflow as tf
 from references.frn_evonorm import (EvoNormB0Reference, EvoNormS0Reference,
                                     FilterResponseNormReference)
 
+from keras_norm import stats
 from keras_norm.layers.evonorm import EvoNormB0, EvoNormS0
 from keras_norm.layers.frn import FilterResponseNormalization
 
@@ -61,6 +62,93 @@ def make_case(name, **overrides):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_matches_numpy_reference(name):
     harness.check_reference(make_case(name))
+
+
+@pytest.mark.parametrize("name", ["frn", "frn_learned_epsilon", "s0_channels_first", "s0_layer"])
+def test_reference_gradients_match_finite_differences(name):
+    """The NumPy references' hand-derived input gradients (which the layers' closed-form
+    backward passes are checked against) equal central differences of their own forward."""
+    cls, kwargs, shape, reference_cls = CONFIGS[name]
+    case = make_case(name)
+    layer = harness.build_randomized(case, seed=3)
+    reference = case.reference(harness.weights_by_name(layer))
+    rng = np.random.default_rng(4)
+    x = rng.normal(0.5, 1.5, (2,) + shape[1:])
+    dy = rng.normal(size=x.shape)
+
+    def loss(values):
+        return float(np.sum(reference.train(values).astype(np.float64) * dy))
+
+    step = 1e-3
+    numeric = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[index] += step
+        minus[index] -= step
+        numeric[index] = (loss(plus) - loss(minus)) / (2 * step)
+    # The references return float32 outputs, so the differences carry ~1e-7 / 1e-3 noise.
+    np.testing.assert_allclose(reference.input_gradient(x, dy), numeric, atol=2e-3, rtol=1e-3)
+
+
+def _autodiff_forward(layer, x, training):
+    """The layer's formula written directly in TensorFlow ops (channels moved last), for
+    automatic differentiation: an independent check of the hand-written backward passes."""
+    axis = layer._axis
+    x = tf.experimental.numpy.moveaxis(x, axis, -1)
+    spatial = list(range(1, len(x.shape) - 1))
+    channels = x.shape[-1]
+    gamma = layer.gamma if layer.gamma is not None else tf.ones([channels])
+    beta = layer.beta if layer.beta is not None else tf.zeros([channels])
+    if isinstance(layer, FilterResponseNormalization):
+        nu2 = tf.reduce_mean(tf.square(x), spatial, keepdims=True)
+        y = gamma * x / tf.sqrt(nu2 + layer.epsilon) + beta
+        y = tf.maximum(y, layer.tau) if layer.use_tlu else y
+    elif isinstance(layer, EvoNormS0):
+        grouped = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [layer.groups, -1]], 0))
+        _, variance = tf.nn.moments(grouped, spatial + [len(x.shape)], keepdims=True)
+        std = tf.reshape(tf.broadcast_to(tf.sqrt(variance + layer.epsilon), tf.shape(grouped)),
+                         tf.shape(x))
+        y = x * tf.sigmoid(layer.v * x) / std * gamma + beta
+    else:
+        _, batch_variance = tf.nn.moments(x, [0] + spatial)
+        if not training and layer.inference_statistics == "moving":
+            batch_variance = layer.moving_variance
+        _, instance_variance = tf.nn.moments(x, spatial, keepdims=True)
+        denominator = tf.maximum(tf.sqrt(batch_variance + layer.epsilon),
+                                 layer.v * x + tf.sqrt(instance_variance + layer.epsilon))
+        y = x / denominator * gamma + beta
+    return tf.experimental.numpy.moveaxis(y, -1, axis)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("name", ["frn", "frn_channels_first", "frn_plain", "s0",
+                                  "s0_channels_first", "s0_layer", "b0", "b0_channels_first",
+                                  "b0_no_affine", "b0_batch_inference"])
+def test_closed_form_gradients_equal_autodiff(name, training):
+    """Every gradient (input and weights) of the layer, in a graph (its XLA-compiled kernels)
+    and eagerly, equals automatic differentiation of the layer's formula in plain TF ops."""
+    case = make_case(name)
+    layer = harness.build_randomized(case, seed=2)
+    x = tf.constant(case.inputs(5))
+    dy = tf.constant(np.random.default_rng(6).normal(size=x.shape).astype("float32"))
+    weights = layer.trainable_variables
+
+    def gradients(forward):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(forward(x) * dy)
+        return tape.gradient(loss, [x] + weights)
+
+    expected = gradients(lambda x: _autodiff_forward(layer, x, training))
+
+    def layer_gradients():
+        # Training updates B0's moving variance, which its training outputs do not use.
+        return gradients(lambda x: layer(x, training=training))
+
+    for actual in (layer_gradients(), tf.function(layer_gradients)()):
+        for a, e, what in zip(actual, expected, ["x"] + [w.name for w in weights]):
+            assert np.abs(e.numpy()).max() > 0, what
+            np.testing.assert_allclose(a, e, atol=1e-4, rtol=1e-4, err_msg=what)
 
 
 @pytest.mark.parametrize("name", ["frn_learned_epsilon", "frn_channels_first", "b0",

@@ -155,29 +155,21 @@ class EvoNormB0(base.BatchDependentMixin, _EvoNorm):
 
     def call(self, inputs, training=None):
         x = base.to_statistics_dtype(inputs)
-        # The per-example moments over the spatial axes come first; the batch moments are
-        # merged from them (Chan's formula on (N, C) values), so x is read twice, not four times.
-        instance = stats.moments(x, self._spatial_axes) if self._spatial_axes else None
-        if self._uses_batch_statistics(training):
-            if instance is None:
-                moments = stats.moments(x, self._batch_axes)
-            else:
-                moments = stats.merge_moments(instance, [0])
-            if self.synchronized:
-                moments = stats.merge_across_replicas(moments)
-            batch_variance = moments.variance
-            if self._is_training(training):
-                # `self.momentum` is read now, not at build time (recompute_statistics swaps it).
-                stats.assign_moving_average(self.moving_variance, batch_variance,
-                                            self.momentum, tf.reduce_sum(moments.count) > 0)
-        else:
-            batch_variance = self._channel_parameter(self.moving_variance, x.dtype)
-        # Without spatial axes (a 1x1 "map") each example and channel is one value: variance 0.
-        instance_variance = tf.zeros([], x.dtype) if instance is None else instance.variance
         v = self._channel_parameter(self.v, x.dtype)
-        denominator = tf.maximum(tf.sqrt(batch_variance + self.epsilon),
-                                 v * x + tf.sqrt(instance_variance + self.epsilon))
-        outputs = self._apply_affine(x / denominator)
+        gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
+        gamma = tf.ones(self._param_shape, x.dtype) if gamma is None else gamma
+        beta = tf.zeros(self._param_shape, x.dtype) if beta is None else beta
+        moving_variance = None
+        if not self._uses_batch_statistics(training):
+            moving_variance = self._channel_parameter(self.moving_variance, x.dtype)
+        outputs, batch = _evonorm_b0(
+            x, v, gamma, beta, moving_variance, spatial_axes=tuple(self._spatial_axes),
+            batch_axes=tuple(self._batch_axes), epsilon=self.epsilon,
+            synchronized=self.synchronized)
+        if self._is_training(training):
+            # `self.momentum` is read now, not at build time (recompute_statistics swaps it).
+            stats.assign_moving_average(self.moving_variance, batch.variance, self.momentum,
+                                        tf.reduce_sum(batch.count) > 0)
         return tf.cast(outputs, self.compute_dtype)
 
     def get_config(self):
@@ -283,19 +275,189 @@ class EvoNormS0(_EvoNorm):
 
     def call(self, inputs):
         x = base.to_statistics_dtype(inputs)
-        grouped, moments = stats.group_moments(x, self._axis, self.groups)
-        v = stats.split_channels(self._channel_parameter(self.v, x.dtype), self._axis,
-                                 self.groups)
-        # gamma is folded into the per-(example, group) scale before it meets the full-size
-        # tensor (see `_apply_affine`), here in the grouped layout.
-        gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
-        scale = tf.math.rsqrt(moments.variance + self.epsilon)
-        if gamma is not None:
-            scale = scale * stats.split_channels(gamma, self._axis, self.groups)
-        outputs = grouped * tf.sigmoid(v * grouped) * scale
-        if beta is not None:
-            outputs = outputs + stats.split_channels(beta, self._axis, self.groups)
+        grouped = stats.split_channels(x, self._axis, self.groups)
+        axes = tuple(a for a in range(1, len(grouped.shape)) if a != self._axis)
+
+        def grouped_parameter(weight, default):
+            value = default if weight is None else self._channel_parameter(weight, x.dtype)
+            return stats.split_channels(tf.broadcast_to(value, self._param_shape), self._axis,
+                                        self.groups)
+
+        v = grouped_parameter(self.v, None)
+        gamma = grouped_parameter(self.gamma, tf.ones(self._param_shape, x.dtype))
+        beta = grouped_parameter(self.beta, tf.zeros(self._param_shape, x.dtype))
+        outputs = _evonorm_s0(grouped, v, gamma, beta, axes, self.epsilon)
         return tf.cast(tf.reshape(outputs, tf.shape(x)), self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "groups": self.groups}
+
+
+# ------------------------------------------------------------------ EvoNorm-B0 closed form
+def _evonorm_b0(x, v, gamma, beta, moving_variance, *, spatial_axes, batch_axes, epsilon,
+                synchronized):
+    """`x / max(sqrt(var_b + eps), v x + sqrt(var_i + eps)) * gamma + beta` with a
+    hand-written backward pass.
+
+    `var_b` is the batch variance (merged across replicas when `synchronized`) or, when
+    `moving_variance` is given, that constant. Returns `(outputs, batch Moments)`; the
+    moments carry no gradient (they feed the moving average).
+
+    The batch moments are merged from the instance moments (Chan's formula on `(N, C)`
+    values), so the forward pass reads `x` three times (two-pass instance moments, then the
+    output); the backward pass twice (the sums below, then the input gradient). With
+    `d = max(s_b, v x + s_i)`, `A = [s_b >= v x + s_i]` and `q = -dy gamma x / d^2`:
+
+        dx = dy gamma / d + q v (1 - A) + dvar_i 2 (x - mean_i) / n_i + dvar_b 2 (x - mean_b) / n_b
+        dvar_i = sum_spatial q (1 - A) / (2 s_i),   dvar_b = sum_batch q A / (2 s_b)
+        dv = sum q x (1 - A),   dgamma = sum dy x / d,   dbeta = sum dy
+
+    When synchronized, `dvar_b` is summed over replicas (one all-reduce of a per-channel
+    vector), as one device computes it on the global batch.
+    """
+    use_batch = moving_variance is None
+    sync = use_batch and synchronized and stats.num_replicas_in_sync() > 1
+    rank = len(x.shape)
+
+    @tf.custom_gradient
+    def forward(x, v, gamma, beta):
+        instance = _b0_instance_moments(x, axes=spatial_axes)
+        batch = stats.Moments(tf.zeros([1] * rank, x.dtype), tf.zeros([1] * rank, x.dtype),
+                              tf.zeros([1] * rank, x.dtype))
+        if use_batch:
+            batch = stats.merge_moments(instance, [0])
+            if sync:
+                batch = stats.merge_across_replicas(batch)
+            batch_variance = batch.variance
+        else:
+            batch_variance = moving_variance
+        batch_std = tf.sqrt(batch_variance + epsilon)
+        instance_std = tf.sqrt(instance.variance + epsilon)
+        outputs = _b0_outputs(x, v, gamma, beta, batch_std, instance_std)
+
+        def backward(d_outputs, *_statistics_gradients):
+            d_v, d_gamma, d_beta, d_instance_std, d_batch_std = _b0_backward_sums(
+                d_outputs, x, v, gamma, beta, batch_std, instance_std, spatial_axes=spatial_axes,
+                batch_axes=batch_axes)
+            # d std / d var = 1 / (2 std); d var / dx = 2 (x - mean) / n: the 2s cancel.
+            instance_coefficient = tf.math.divide_no_nan(d_instance_std / instance_std,
+                                                         instance.count)
+            batch_coefficient = tf.zeros([1] * rank, x.dtype)
+            if use_batch:
+                if sync:
+                    d_batch_std = stats.all_reduce_sum(d_batch_std)
+                batch_coefficient = tf.math.divide_no_nan(d_batch_std / batch_std, batch.count)
+            d_x = _b0_backward_input(d_outputs, x, v, gamma, batch_std, instance_std,
+                                     instance.mean, batch.mean, instance_coefficient,
+                                     batch_coefficient)
+            return d_x, d_v, d_gamma, d_beta
+
+        count = tf.broadcast_to(batch.count, tf.shape(batch.mean))
+        return (outputs, count, batch.mean, batch.m2), backward
+
+    outputs, count, mean, m2 = forward(x, v, gamma, beta)
+    moments = stats.Moments(*(tf.stop_gradient(t) for t in (count, mean, m2)))
+    return outputs, moments
+
+
+@stats.kernel
+def _b0_instance_moments(x, *, axes):
+    """Per-example, per-channel moments over the spatial axes (none: each value alone)."""
+    return stats.moments(x, axes)
+
+
+@stats.kernel
+def _b0_outputs(x, v, gamma, beta, batch_std, instance_std):
+    return x / tf.maximum(batch_std, v * x + instance_std) * gamma + beta
+
+
+def _b0_denominator(x, v, batch_std, instance_std):
+    """`(d, A)`: the denominator and where the batch term wins it (float 0/1; ties count as
+    the batch's, as `tf.maximum`'s gradient does)."""
+    instance_term = v * x + instance_std
+    batch_wins = tf.cast(batch_std >= instance_term, x.dtype)
+    return tf.maximum(batch_std, instance_term), batch_wins
+
+
+@stats.kernel
+def _b0_backward_sums(d_outputs, x, v, gamma, beta, batch_std, instance_std, *, spatial_axes,
+                      batch_axes):
+    """The reductions of EvoNorm-B0's backward pass (see `_evonorm_b0`)."""
+    denominator, batch_wins = _b0_denominator(x, v, batch_std, instance_std)
+    ratio = x / denominator
+    q = -d_outputs * gamma * ratio / denominator
+    q_instance = q * (1.0 - batch_wins)
+    d_instance_std = stats.sum_over(q_instance, list(spatial_axes))
+    d_batch_std = tf.reduce_sum(q * batch_wins, batch_axes, keepdims=True)
+    d_v = stats.sum_to(q_instance * x, v)
+    d_gamma = stats.sum_to(d_outputs * ratio, gamma)
+    d_beta = stats.sum_to(d_outputs, beta)
+    return d_v, d_gamma, d_beta, d_instance_std, d_batch_std
+
+
+@stats.kernel
+def _b0_backward_input(d_outputs, x, v, gamma, batch_std, instance_std, instance_mean,
+                       batch_mean, instance_coefficient, batch_coefficient):
+    """The input gradient of EvoNorm-B0 (see `_evonorm_b0`)."""
+    denominator, batch_wins = _b0_denominator(x, v, batch_std, instance_std)
+    g = d_outputs * gamma / denominator
+    # g (1 - x v (1 - A) / d): the direct term and the numerator's share of the instance term.
+    d_x = g * (1.0 - x * v * (1.0 - batch_wins) / denominator)
+    return (d_x + instance_coefficient * (x - instance_mean)
+            + batch_coefficient * (x - batch_mean))
+
+
+# ------------------------------------------------------------------ EvoNorm-S0 closed form
+def _evonorm_s0(grouped, v, gamma, beta, axes, epsilon):
+    """`x * sigmoid(v x) / sqrt(var + eps) * gamma + beta` on the grouped layout, variance
+    over `axes` (per example and group), with a hand-written backward pass (see
+    `_s0_backward`): each pass is one kernel and nothing full-size is kept but `x`."""
+
+    @tf.custom_gradient
+    def forward(x, v, gamma, beta):
+        outputs, mean, inv_std = _s0_forward(x, v, gamma, beta, axes=axes, epsilon=epsilon)
+
+        def backward(d_outputs):
+            return _s0_backward(d_outputs, x, mean, inv_std, v, gamma, beta, axes=axes)
+
+        return outputs, backward
+
+    return forward(grouped, v, gamma, beta)
+
+
+@stats.kernel
+def _s0_forward(x, v, gamma, beta, *, axes, epsilon):
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), axes, keepdims=True)
+    inv_std = tf.math.rsqrt(variance + epsilon)
+    outputs = x * tf.sigmoid(v * x) * (gamma * inv_std) + beta
+    return outputs, mean, inv_std
+
+
+@stats.kernel
+def _s0_backward(d_outputs, x, mean, inv_std, v, gamma, beta, *, axes):
+    """With `s = sigmoid(v x)`, `h = x s` and `r = 1 / sqrt(var + eps)` (`y = h r gamma + beta`):
+
+        dh = dy gamma r,   dx = dh (s + v x s (1 - s)) - r^3 (x - mean) mean(dy gamma h)
+        dv = sum dh x^2 s (1 - s),   dgamma = sum dy h r,   dbeta = sum dy
+
+    (the second term of dx is the variance's: d var / dx = 2 (x - mean) / n, d r / d var =
+    -r^3 / 2). Sums run over what the parameters are shared by.
+    """
+    # Axes along which the per-channel parameters are constant (the spatial ones): reduced
+    # first, on the input's size; the channels within a group are summed on small results.
+    inner = [a for a in axes if gamma.shape[a] == 1]
+    s = tf.sigmoid(v * x)
+    h = x * s
+    sum_dy_h = stats.sum_over(d_outputs * h, inner)
+    d_h = d_outputs * (gamma * inv_std)
+    d_x_numerator = d_h * (s + v * x * s * (1.0 - s))
+    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), tf.constant(axes, tf.int32))),
+                    x.dtype)
+    # d loss / d r for each set, then through the variance to every value of the set.
+    d_inv_std = tf.reduce_sum(sum_dy_h * gamma, axes, keepdims=True)
+    d_x = d_x_numerator - (x - mean) * (inv_std ** 3 * d_inv_std / count)
+    d_v = stats.sum_to(d_h * tf.square(x) * s * (1.0 - s), v)
+    d_gamma = stats.sum_to(sum_dy_h * inv_std, gamma)
+    d_beta = stats.sum_to(d_outputs, beta)
+    return d_x, d_v, d_gamma, d_beta

@@ -139,3 +139,29 @@ class EvoNormS0Reference(_ChannelReference):
                     swish = values / (1.0 + np.exp(-self.w["v"][c] * values))
                     y[n, :, c] = swish / std
         return self._restore(self._affine(y), shape)
+
+    def input_gradient(self, x, dy):
+        """d sum(y * dy) / dx per (example, group), from `y = h r gamma + beta` with
+        `h = x sigmoid(v x)` and `r = (var + eps)^(-1/2)` over the group's values."""
+        xl, shape = self._channels_last(x)
+        dyl, _ = self._channels_last(dy)
+        channels = xl.shape[2]
+        size = channels // self.groups
+        gamma = self._param("gamma", 1.0, channels)
+        dx = np.empty_like(xl)
+        for n in range(xl.shape[0]):
+            for g in range(self.groups):
+                members = slice(g * size, (g + 1) * size)
+                values = xl[n, :, members]
+                mean, count = values.mean(), values.size
+                r = 1.0 / np.sqrt(values.var() + self.eps)
+                d_r = 0.0
+                for c in range(g * size, (g + 1) * size):
+                    column, v = xl[n, :, c], self.w["v"][c]
+                    s = 1.0 / (1.0 + np.exp(-v * column))
+                    d_r += np.sum(dyl[n, :, c] * gamma[c] * column * s)
+                    # Through the numerator h = x s(v x).
+                    dx[n, :, c] = dyl[n, :, c] * gamma[c] * r * (s + v * column * s * (1 - s))
+                # Through r: dr/dvar = -r^3 / 2, dvar/dx = 2 (x - mean) / count.
+                dx[n, :, members] += d_r * (-0.5 * r ** 3) * 2.0 * (values - mean) / count
+        return self._restore(dx, shape)
