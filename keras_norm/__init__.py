@@ -16,6 +16,7 @@ from keras_norm.layers import __all__ as _layer_names  # noqa: E402
 from keras_norm.convert import convert  # noqa: E402
 from keras_norm.registry import available, get, register, spec  # noqa: E402
 from keras_norm.statistics import batch_statistics, recompute_statistics  # noqa: E402
+from keras_norm.stats import set_xla_kernels, xla_kernels_enabled  # noqa: E402
 
 __all__ = list(_layer_names) + [
     "available",
@@ -25,6 +26,8 @@ __all__ = list(_layer_names) + [
     "get",
     "recompute_statistics",
     "register",
+    "set_xla_kernels",
     "spec",
     "stats",
+    "xla_kernels_enabled",
 ]

@@ -9,7 +9,9 @@ import inspect
 
 import harness
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 from references.batch_norm import BatchNormReference
 from references.cross_iteration import CrossIterationReference
 from references.frn_evonorm import (EvoNormB0Reference, EvoNormS0Reference,
@@ -127,3 +129,18 @@ def test_every_name_builds_a_keras_layer():
     for name in keras_norm.available():
         layer = _build(keras_norm.spec(name))
         assert isinstance(layer, keras.layers.Layer), name
+
+
+@pytest.mark.parametrize("name", ["layer", "group", "rms", "frn", "evonorm_b0", "evonorm_s0"])
+def test_export_with_compiled_kernels_serves_same_outputs(name, tmp_path):
+    """A model whose layers call XLA-compiled kernels at inference exports as a SavedModel
+    (`model.export`) that serves the same outputs."""
+    layer = make_case(name).factory()
+    model = keras.Sequential([keras.Input(SHAPE[1:]), layer])
+    x = np.random.default_rng(13).normal(1.0, 2.0, SHAPE).astype("float32")
+    model(x, training=True)
+    path = str(tmp_path / "exported")
+    model.export(path, verbose=False)
+    loaded = tf.saved_model.load(path)  # kept: its variables live as long as it does
+    served = loaded.serve(tf.constant(x))
+    np.testing.assert_allclose(served, model(x, training=False), atol=1e-5)

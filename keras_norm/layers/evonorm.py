@@ -411,14 +411,19 @@ def _b0_backward_input(d_outputs, x, v, gamma, batch_std, instance_std, instance
 def _evonorm_s0(grouped, v, gamma, beta, axes, epsilon):
     """`x * sigmoid(v x) / sqrt(var + eps) * gamma + beta` on the grouped layout, variance
     over `axes` (per example and group), with a hand-written backward pass (see
-    `_s0_backward`): each pass is one kernel and nothing full-size is kept but `x`."""
+    `_s0_backward`): each pass is one kernel. The forward pass keeps the gate
+    `sigmoid(v x)` for the backward pass (as automatic differentiation would) rather than
+    recomputing it in each of the backward pass's loops, where XLA's CPU backend evaluates
+    the exponential again per loop (consecutive runs on the 2-core CPU: 1.89x -> 1.71x
+    keras_norm BN forward+backward under XLA, within the noise of such runs)."""
 
     @tf.custom_gradient
     def forward(x, v, gamma, beta):
-        outputs, mean, inv_std = _s0_forward(x, v, gamma, beta, axes=axes, epsilon=epsilon)
+        outputs, gate, mean, inv_std = _s0_forward(x, v, gamma, beta, axes=axes,
+                                                   epsilon=epsilon)
 
         def backward(d_outputs):
-            return _s0_backward(d_outputs, x, mean, inv_std, v, gamma, beta, axes=axes)
+            return _s0_backward(d_outputs, x, gate, mean, inv_std, v, gamma, beta, axes=axes)
 
         return outputs, backward
 
@@ -430,12 +435,13 @@ def _s0_forward(x, v, gamma, beta, *, axes, epsilon):
     mean = tf.reduce_mean(x, axes, keepdims=True)
     variance = tf.reduce_mean(tf.square(x - mean), axes, keepdims=True)
     inv_std = tf.math.rsqrt(variance + epsilon)
-    outputs = x * tf.sigmoid(v * x) * (gamma * inv_std) + beta
-    return outputs, mean, inv_std
+    gate = tf.sigmoid(v * x)
+    outputs = x * gate * (gamma * inv_std) + beta
+    return outputs, gate, mean, inv_std
 
 
 @stats.kernel
-def _s0_backward(d_outputs, x, mean, inv_std, v, gamma, beta, *, axes):
+def _s0_backward(d_outputs, x, s, mean, inv_std, v, gamma, beta, *, axes):
     """With `s = sigmoid(v x)`, `h = x s` and `r = 1 / sqrt(var + eps)` (`y = h r gamma + beta`):
 
         dh = dy gamma r,   dx = dh (s + v x s (1 - s)) - r^3 (x - mean) mean(dy gamma h)
@@ -447,7 +453,6 @@ def _s0_backward(d_outputs, x, mean, inv_std, v, gamma, beta, *, axes):
     # Axes along which the per-channel parameters are constant (the spatial ones): reduced
     # first, on the input's size; the channels within a group are summed on small results.
     inner = [a for a in axes if gamma.shape[a] == 1]
-    s = tf.sigmoid(v * x)
     h = x * s
     sum_dy_h = stats.sum_over(d_outputs * h, inner)
     d_h = d_outputs * (gamma * inv_std)
