@@ -392,7 +392,7 @@ def test_constructor_errors(cls, kwargs, error, match):
     (lambda: GroupNormalization(groups=2, axis=1), (2, None, 4),
      r"channel axis 1 of the input must have a known size"),
     (lambda: GroupNormalization(groups=2, axis=3), (2, 5, 6), r"axis 3 is out of range"),
-    (lambda: GroupNormalization(groups=1), (6,), r"cannot be axis 0, the batch axis"),
+    (lambda: GroupNormalization(groups=1), (6,), r"axis 0 is the batch axis and cannot be the channel axis"),
     (lambda: InstanceNormalization(axis=-4), (2, 5, 6), r"axis -4 is out of range"),
     (lambda: LayerNormalization(axis=3), (2, 5, 6),
      r"LayerNormalization layer .*axis 3 is out of range for an input of rank 3"),

@@ -110,6 +110,17 @@ def channel_axis(owner, axis, input_shape):
     return positive, channels
 
 
+def per_example_channel_axis(owner, axis, input_shape):
+    """`channel_axis` for layers whose axis 0 is the examples: axis 0 is rejected first."""
+    (positive,) = canonical_axes(owner, axis, input_shape)
+    if positive == 0:
+        raise ValueError(
+            f"{owner}: axis 0 is the batch axis and cannot be the channel axis. "
+            f"Received: axis={axis}, input_shape={tuple(input_shape)}"
+        )
+    return channel_axis(owner, axis, input_shape)
+
+
 def canonical_axes(owner, axis, input_shape):
     """Maps `axis` (int or tuple) to sorted non-negative axes of `input_shape`, validated."""
     ndim = len(input_shape)
@@ -291,18 +302,7 @@ class ChannelwiseNormalization(AffineNormalization):
                 f"{self._owner}: expected an input of rank >= 2 (batch, ..., channels). "
                 f"Received: input_shape={input_shape}"
             )
-        (self._axis,) = canonical_axes(self._owner, self.axis, input_shape)
-        if self._axis == 0:
-            raise ValueError(
-                f"{self._owner}: axis 0 is the batch axis and cannot be the channel axis. "
-                f"Received: axis={self.axis}"
-            )
-        channels = input_shape[self._axis]
-        if channels is None:
-            raise ValueError(
-                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
-                f"size. Received: input_shape={input_shape}"
-            )
+        self._axis, channels = per_example_channel_axis(self._owner, self.axis, input_shape)
         ndim = len(input_shape)
         self._channels = channels
         self._spatial_axes = [a for a in range(1, ndim) if a != self._axis]

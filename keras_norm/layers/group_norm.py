@@ -353,18 +353,8 @@ class GroupNormalization(base.AffineNormalization):
 
     def build(self, input_shape):
         ndim = len(input_shape)
-        (self._axis,) = base.canonical_axes(self._owner, self.axis, input_shape)
-        if self._axis == 0:
-            raise ValueError(
-                f"{self._owner}: the channel axis cannot be axis 0, the batch axis: inputs need "
-                f"rank >= 2. Received: axis={self.axis}, input_shape={tuple(input_shape)}"
-            )
-        channels = input_shape[self._axis]
-        if channels is None:
-            raise ValueError(
-                f"{self._owner}: the channel axis {self.axis} of the input must have a known "
-                f"size. Received: input_shape={tuple(input_shape)}"
-            )
+        self._axis, channels = base.per_example_channel_axis(self._owner, self.axis,
+                                                             input_shape)
         groups = channels if self.groups == -1 else self.groups
         if channels % groups:
             raise ValueError(
