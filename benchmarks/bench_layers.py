@@ -185,11 +185,14 @@ def fmt_ratio(summary):
 
 
 def markdown(single_rows, distributed_rows, args, elapsed):
+    only = f" --only {args.only}" if args.only else ""
+    section = f" --section {args.section}" if args.section != "layers" else ""
     lines = [
         "## Layers: forward + backward, (128, 32, 32, 64) float32",
         "",
         f"Measured with `python benchmarks/bench_layers.py --rounds {args.rounds} "
-        f"--steps {args.steps}{' --only ' + args.only if args.only else ''}` on {platform.machine()} with {os.cpu_count()} CPU cores, "
+        f"--steps {args.steps}{only}{section}` on {platform.machine()} with "
+        f"{os.cpu_count()} CPU cores, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({elapsed:.0f} s). Each ratio "
         "is the median over interleaved rounds of (layer time / reference time) in the same "
         "round, with the min–max over rounds in brackets; below 1.00 is faster.",

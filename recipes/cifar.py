@@ -94,7 +94,7 @@ def build_parser():
     from recipes.training import BATCH_STRUCTURES, OPTIMIZERS, SCHEDULES, STRATEGIES
 
     parser = cli.Parser(prog="python -m recipes.cifar", description=DESCRIPTION, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="a paper's setting; explicit flags override it. mn_cnn: "
                              "Mixture Normalization's 5-layer CNN (MN after conv 2, batch norm "

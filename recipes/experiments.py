@@ -77,8 +77,8 @@ def _batch_structure_runs():
         batch = 10 * k
         runs.append(Run(f"random-b{batch}", common + _flags(batch_size=batch),
                         {"training": "random", "k": k, "batch": batch}))
-        runs.append(Run(f"balanced-k{k}", common + _flags(batch_structure="balanced",
-                                                           examples_per_class=k),
+        balanced = _flags(batch_structure="balanced", examples_per_class=k)
+        runs.append(Run(f"balanced-k{k}", common + balanced,
                         {"training": "balanced", "k": k, "batch": batch}))
     return tuple(runs)
 

@@ -168,7 +168,7 @@ def build_parser():
     from recipes.tuning import TUNERS
 
     parser = cli.Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"a few minutes on a CPU: grid of norms {QUICK['norms']} x batch "
                              f"sizes {QUICK['batch_sizes']}, {QUICK['epochs']} epoch, "
@@ -526,8 +526,8 @@ def _settings(setup):
         "learning rate": f"{lrs} at batch 128, x batch / 128; {config['optimizer']}, "
                          f"{config['schedule']} schedule, weight decay "
                          f"{config['weight_decay']:g}",
-        "epochs per trial": str(config["epochs"]) + (" (at most)" if config["tuner"] ==
-                                                      "hyperband" else ""),
+        "epochs per trial": str(config["epochs"])
+        + (" (at most)" if config["tuner"] == "hyperband" else ""),
         "data": f"{config['source']}: {config['train_size']:,} training + "
                 f"{config['val_size']:,} validation images (held out of the training split), "
                 f"augmentation {'on' if config['augment'] else 'off'}",

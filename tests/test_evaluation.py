@@ -77,8 +77,8 @@ def test_evaluation_leaves_the_model_unchanged():
 
 
 @pytest.mark.parametrize("call, fragment", [
-    (lambda m, d: evaluate_batch_statistics(m, d, batch_size=0), r"`batch_size` must be a "
-                                                                 r"positive int. Received: batch_size=0"),
+    (lambda m, d: evaluate_batch_statistics(m, d, batch_size=0),
+     r"`batch_size` must be a positive int. Received: batch_size=0"),
     (lambda m, d: evaluate_batch_statistics(m, d.batch(2), batch_size=2),
      r"must be unbatched.*\.unbatch\(\)"),
     (lambda m, d: evaluate_pseudo_balanced(m, d, 2, policy="strict"), r"policy='strict'"),

@@ -8,7 +8,6 @@ import tensorflow as tf
 from references.frn_evonorm import (EvoNormB0Reference, EvoNormS0Reference,
                                     FilterResponseNormReference)
 
-from keras_norm import stats
 from keras_norm.layers.evonorm import EvoNormB0, EvoNormS0
 from keras_norm.layers.frn import FilterResponseNormalization
 

@@ -266,8 +266,8 @@ def test_constant_inputs_stay_finite():
     assert np.all(np.isfinite(layer.moving_variance.numpy()))
 
 
-@pytest.mark.parametrize("mixture_axes, axis", [("channels", -1), ("per_channel", -1),
-                                                 ("channels", 1)])
+@pytest.mark.parametrize("mixture_axes, axis",
+                         [("channels", -1), ("per_channel", -1), ("channels", 1)])
 def test_masked_values_do_not_enter_the_fit(mixture_axes, axis):
     rng = np.random.default_rng(6)
     shape = (6, 8, 3) if axis == -1 else (6, 3, 8)

@@ -370,6 +370,7 @@ def test_mixed_precision_gradient_matches_float32():
     keras.mixed_precision.set_global_policy("float32")
     (y32, dx32, g32, w32), (y16, dx16, g16, w16) = results["float32"], results["mixed_float16"]
     assert y16.dtype == tf.float16 and dx16.dtype == tf.float16
+    np.testing.assert_allclose(np.float32(y16), y32, atol=2e-2, rtol=2e-2)
     assert all(g.dtype == tf.float32 for g in g16.values())
     np.testing.assert_allclose(np.float32(dx16), dx32, atol=2e-2, rtol=2e-2)
     for name in g32:

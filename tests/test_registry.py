@@ -141,9 +141,10 @@ def test_convert_keras_application():
     model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                            classes=10)
     converted = keras_norm.convert(model, "sync_batch")
-    before = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
-    after = [l for l in converted.layers if isinstance(l, keras_norm.BatchNormalization)]
-    assert before == len(after) > 10 and all(l.synchronized for l in after)
+    before = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    after = [layer for layer in converted.layers
+             if isinstance(layer, keras_norm.BatchNormalization)]
+    assert before == len(after) > 10 and all(layer.synchronized for layer in after)
     x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(converted(x), model(x), atol=1e-5)
 

@@ -54,7 +54,8 @@ def check_float(owner, name, value, low=None, high=None, low_open=False, high_op
     if too_low or too_high or value != value:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        low_text, high_text = ("-inf" if low is None else low), ("inf" if high is None else high)
+        interval = f"{left}{low_text}, {high_text}{right}"
         raise ValueError(
             f"{owner}: argument `{name}` must be in {interval}. {_received(name, value)}"
         )

@@ -181,8 +181,8 @@ class CrossIterationReference:
         pre = self._normalize(z, mu_bar, var_bar)
         # Moving statistics of the current batch; then push it into the window.
         mo, var = self.momentum, current["nu"] - current["mu"] ** 2
-        self.w["moving_mean"] = mo * self.w["moving_mean"] + (1 - mo) * (current["mu"]
-                                                                          + self._bias())
+        batch_mean = current["mu"] + self._bias()
+        self.w["moving_mean"] = mo * self.w["moving_mean"] + (1 - mo) * batch_mean
         self.w["moving_variance"] = mo * self.w["moving_variance"] + (1 - mo) * var
         if self.k > 1:
             self.past = [current] + self.past[: self.k - 2]
