@@ -45,6 +45,13 @@ def statistics_dtype(dtype):
     return tf.float64 if dtype == tf.float64 else tf.float32
 
 
+def count_over(x, axes):
+    """The number of values of `x` along `axes` (a float scalar in `x`'s dtype)."""
+    # An explicit int32 index: `tf.gather(..., [])` would see a float index.
+    indices = tf.constant(list(axes), tf.int32)
+    return tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), indices)), x.dtype)
+
+
 def moments(x, axes, mask=None):
     """Two-pass moments of `x` over `axes`, keeping the reduced axes.
 
@@ -58,10 +65,7 @@ def moments(x, axes, mask=None):
     """
     axes = list(axes)
     if mask is None:
-        # An explicit int32 index: `tf.gather(..., [])` would see a float index.
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), tf.constant(axes, tf.int32))),
-                        x.dtype)
-        count = tf.reshape(count, [1] * len(x.shape))
+        count = tf.reshape(count_over(x, axes), [1] * len(x.shape))
         # Not reduce_mean: an empty replica (count 0) must give 0, not NaN.
         mean = tf.math.divide_no_nan(tf.reduce_sum(x, axes, keepdims=True), count)
         # d Var / d mean is zero, so the second pass needs no gradient through the mean.
@@ -211,10 +215,11 @@ def set_xla_kernels(enabled):
 
     With them on, each layer's training-mode forward and backward pass runs as one compiled
     kernel in a `tf.function` (e.g. `Model.fit`) even when the model is not compiled with
-    `jit_compile=True` (about 1.5-2x faster forward+backward on CPU; the same results within
-    float rounding). Eager calls always run plain ops. Turn them off where XLA
-    is unavailable or unwanted (e.g. converting to TFLite); layers traced afterwards use plain
-    TensorFlow ops. Inside a `jit_compile=True` model both give the same compiled program.
+    `jit_compile=True` (forward+backward 1.1-3.5x faster on the 2-core CPU of BENCHMARKS.md,
+    in ratios to keras_norm's BatchNormalization; the same results within float rounding).
+    Eager calls always run plain ops. Inside a `jit_compile=True` model the kernels are
+    inlined into the model's program. Turn them off where XLA is unavailable or unwanted
+    (e.g. converting to TFLite); layers traced afterwards use plain TensorFlow ops.
 
     Args:
         enabled: Python bool.
@@ -337,8 +342,7 @@ def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, cen
 @kernel
 def _standardize_forward(x, gamma, beta, *, axes, epsilon, center, sync):
     """`standardize`'s forward pass: `(outputs, count, mean, m2, inv_std)`."""
-    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), tf.constant(axes, tf.int32))),
-                    x.dtype)
+    count = count_over(x, axes)
     if center:
         total = tf.reduce_sum(x, axes, keepdims=True)
         if sync:

@@ -436,11 +436,10 @@ def _evonorm_s0(grouped, v, gamma, beta, axes, epsilon):
 
 @stats.kernel
 def _s0_forward(x, v, gamma, beta, *, axes, epsilon):
-    mean = tf.reduce_mean(x, axes, keepdims=True)
-    variance = tf.reduce_mean(tf.square(x - mean), axes, keepdims=True)
-    inv_std = tf.math.rsqrt(variance + epsilon)
+    group = stats.moments(x, axes)
+    inv_std = tf.math.rsqrt(group.variance + epsilon)
     outputs = x * tf.sigmoid(v * x) * (gamma * inv_std) + beta
-    return outputs, mean, inv_std
+    return outputs, group.mean, inv_std
 
 
 @stats.kernel
@@ -465,8 +464,7 @@ def _s0_backward(d_outputs, x, mean, inv_std, v, gamma, beta, *, axes):
     sum_dy_h, sum_v_term, sum_dy = tf.unstack(stats.sum_over(terms, inner), axis=-1)
     scale = gamma * inv_std
     d_x_numerator = d_outputs * scale * (s + v * x * s * (1.0 - s))
-    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), tf.constant(axes, tf.int32))),
-                    x.dtype)
+    count = stats.count_over(x, axes)
     # d loss / d r for each set, then through the variance to every value of the set.
     d_inv_std = tf.reduce_sum(sum_dy_h * gamma, axes, keepdims=True)
     d_x = d_x_numerator - (x - mean) * (inv_std ** 3 * d_inv_std / count)

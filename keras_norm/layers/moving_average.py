@@ -218,7 +218,7 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
         """`(E[x^2], count)` per channel, over the global batch when synchronized."""
         axes = self._reduction_axes
         square_sum = tf.reduce_sum(tf.square(x), axes, keepdims=True)
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
+        count = stats.count_over(x, axes)
         if self.synchronized:
             square_sum, count = stats.all_reduce_sum((square_sum, count))
         # divide_no_nan: an empty batch (or replica) gives 0, not NaN.
