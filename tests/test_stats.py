@@ -1,6 +1,8 @@
 """The shared statistics module against NumPy: merged moments and the closed-form batch-norm
 gradient (the layers' tests cover them again inside each layer)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -49,14 +51,21 @@ def _numpy_standardize(x, axes, gamma, beta, epsilon, dy, center):
 EXECUTIONS = ["eager", "graph", "graph_without_xla_kernels"]
 
 
+@contextlib.contextmanager
+def _xla_kernels(enabled):
+    """`stats.set_xla_kernels(enabled)` for the duration of the block."""
+    previous = stats.set_xla_kernels(enabled)
+    try:
+        yield
+    finally:
+        stats.set_xla_kernels(previous)
+
+
 def _run(execution, function):
     if execution == "eager":
         return function()
-    previous = stats.set_xla_kernels(execution == "graph")
-    try:
+    with _xla_kernels(execution == "graph"):
         return tf.function(function)()
-    finally:
-        stats.set_xla_kernels(previous)
 
 
 def _check_standardize(x, axes, gamma, beta, parameter_axes, dy, execution, center=True):
@@ -125,11 +134,8 @@ def test_graph_mode_calls_the_compiled_kernels():
     x = tf.random.normal((4, 3))
 
     def compiled_functions(enabled):
-        previous = stats.set_xla_kernels(enabled)
-        try:
+        with _xla_kernels(enabled):
             graph = tf.function(lambda: stats.standardize(x, [0], 1e-3)[0]).get_concrete_function()
-        finally:
-            stats.set_xla_kernels(previous)
         library = graph.graph.as_graph_def().library.function
         return [f.signature.name for f in library
                 if f.attr.get("_XlaMustCompile") and f.attr["_XlaMustCompile"].b]
@@ -174,11 +180,8 @@ def _control_flow_gradients(use_kernels):
             result.append(tape.gradient(loss, x))
         return result
 
-    previous = stats.set_xla_kernels(use_kernels)
-    try:
+    with _xla_kernels(use_kernels):
         return [g.numpy() for g in gradients(x)]
-    finally:
-        stats.set_xla_kernels(previous)
 
 
 def test_compiled_kernels_differentiate_inside_control_flow():
