@@ -137,15 +137,19 @@ def _check_reference(case, seed, execution):
     layer = build_randomized(case, seed)
     reference = case.reference(weights_by_name(layer))
     wants_gradient = hasattr(reference, "input_gradient")
+    # References may also give the trainable weights' gradients, by weight name.
+    wants_weight_gradients = hasattr(reference, "weight_gradients")
+    trainable = {weight_name(w): w for w in layer.trainable_weights}
 
     def train(x, dy):
         if not wants_gradient:
-            return layer(x, training=True), tf.zeros([])
+            return layer(x, training=True), tf.zeros([]), {}
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
             loss = tf.reduce_sum(y * dy)
-        return y, tape.gradient(loss, x)
+        dx, d_weights = tape.gradient(loss, (x, trainable))
+        return y, dx, d_weights
 
     def infer(x):
         return layer(x, training=False)
@@ -159,10 +163,16 @@ def _check_reference(case, seed, execution):
         if wants_gradient:
             dy = np.random.default_rng(seed + 77 + step).normal(
                 size=case.output_shape(x.shape)).astype("float32")
-        y, dx = train(tf.constant(x), tf.constant(dy))
+        y, dx, d_weights = train(tf.constant(x), tf.constant(dy))
         if wants_gradient:
             assert_close(dx, reference.input_gradient(x, dy), case,
                          f"input gradient, step {step} {where}")
+        if wants_gradient and wants_weight_gradients:
+            expected = reference.weight_gradients(x, dy)
+            assert set(expected) == set(d_weights), (sorted(expected), sorted(d_weights))
+            for name, value in expected.items():
+                assert_close(d_weights[name], value, case,
+                             f"gradient of {name!r}, step {step} {where}")
         assert_close(y, reference.train(x), case, f"training output, step {step} {where}")
         assert_state_equal(layer, reference.state(), case, f"state after step {step} {where}")
     x = case.inputs(seed + 99)

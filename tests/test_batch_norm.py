@@ -22,6 +22,8 @@ CONFIGS = {
     "ghost_even_conv": (dict(momentum=0.5, virtual_batch_size=2), (8, 3, 3, 4)),
     "renorm": (dict(momentum=0.5, renorm=True, renorm_momentum=0.6,
                     renorm_clipping={"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}), (8, 4, 4, 3)),
+    "ghost_renorm": (dict(momentum=0.5, virtual_batch_size=4, renorm=True, renorm_momentum=0.6,
+                          renorm_clipping={"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}), (8, 4, 4, 3)),
     "batch_inference": (dict(momentum=0.5, inference_statistics="batch"), (8, 4, 4, 3)),
     "synchronized": (dict(momentum=0.5, synchronized=True), (8, 4, 4, 3)),
 }
@@ -45,7 +47,7 @@ def test_matches_numpy_reference(name):
 
 
 @pytest.mark.parametrize("name", ["default", "channels_first", "dense", "ghost",
-                                  "ghost_even_conv", "renorm", "batch_inference"])
+                                  "ghost_even_conv", "renorm", "ghost_renorm", "batch_inference"])
 def test_jit_equals_eager(name):
     harness.check_jit(make_case(name))
 
@@ -56,12 +58,12 @@ def test_serialization_round_trips(name):
 
 
 @pytest.mark.parametrize("name", ["default", "ghost", "ghost_even_conv", "renorm",
-                                  "synchronized"])
+                                  "ghost_renorm", "synchronized"])
 def test_mixed_precision(name):
     harness.check_mixed_precision(make_case(name))
 
 
-@pytest.mark.parametrize("name", ["synchronized", "dense"])
+@pytest.mark.parametrize("name", ["synchronized", "dense", "renorm"])
 def test_synchronized_equals_one_device(name, mirrored_strategy):
     kwargs, shape = CONFIGS[name]
     case = make_case(name)
@@ -375,3 +377,33 @@ def test_mask_rank_error():
 
 def test_import_does_not_change_backend():
     assert os.environ.get("KERAS_BACKEND", "tensorflow") == keras.backend.backend()
+
+
+def test_traced_renorm_reads_statistics_before_updating_them():
+    """The renorm correction must see the renorm statistics of before the step. Traced, the
+    statistics update once ran concurrently with the correction in ghost batches (kernels
+    on) and the outputs took the updated values in some runs; several fresh traces make such a
+    race show."""
+    kwargs = dict(momentum=0.5, virtual_batch_size=4, renorm=True, renorm_momentum=0.6,
+                  renorm_clipping={"rmax": 1.5, "rmin": 0.8, "dmax": 0.3})
+    rng = np.random.default_rng(13)
+    inputs = [tf.constant(rng.normal(1.5, 2.0, (8, 4, 4, 3)), tf.float32) for _ in range(2)]
+    for _ in range(6):
+        eager, traced = BatchNormalization(**kwargs), BatchNormalization(**kwargs)
+
+        @tf.function
+        def traced_step(x, layer=traced):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * y)
+            return y, tape.gradient(loss, x)
+
+        for x in inputs:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = eager(x, training=True)
+                loss = tf.reduce_sum(y * y)
+            expected = (y, tape.gradient(loss, x))
+            for actual, wanted in zip(traced_step(x), expected):
+                np.testing.assert_allclose(actual.numpy(), wanted.numpy(), atol=1e-4)

@@ -129,19 +129,75 @@ def test_standardize_group_norm_layout(execution):
 
 
 def test_graph_mode_calls_the_compiled_kernels():
-    """Traced into a graph, `standardize` calls XLA-compiled functions; with the kernels off,
-    or eagerly, it does not (the kernels are an implementation choice the switch controls)."""
+    """Traced into a graph, `standardize` calls XLA-compiled functions, each of which passes
+    its inputs through XLA's optimization barrier; with the kernels off, or eagerly, it calls
+    none (the kernels are an implementation choice the switch controls)."""
     x = tf.random.normal((4, 3))
 
     def compiled_functions(enabled):
         with _xla_kernels(enabled):
             graph = tf.function(lambda: stats.standardize(x, [0], 1e-3)[0]).get_concrete_function()
         library = graph.graph.as_graph_def().library.function
-        return [f.signature.name for f in library
+        return [f for f in library
                 if f.attr.get("_XlaMustCompile") and f.attr["_XlaMustCompile"].b]
 
-    assert compiled_functions(True)
+    compiled = compiled_functions(True)
+    assert compiled
+    # The barrier is TensorFlow-internal API: fail loudly if an upgrade moves it.
+    for function in compiled:
+        assert "XlaOptimizationBarrier" in {node.op for node in function.node_def}, \
+            function.signature.name
     assert not compiled_functions(False)
+
+
+def _renorm_style_correction(mean, variance):
+    """A Batch Renormalization correction against fixed statistics, with clipping."""
+    sigma = tf.constant([[[[1.5, 0.5]]]])
+    r = tf.clip_by_value(tf.sqrt(variance + 1e-3) / sigma, 0.8, 1.5)
+    d = tf.clip_by_value((mean - tf.constant([[[[2.0, -1.0]]]])) / sigma, -0.4, 0.4)
+    return tf.stop_gradient(r), tf.stop_gradient(d)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_standardize_with_correction_matches_numpy(execution):
+    """`correction` (batch renorm): `gamma (x_hat r + d) + beta` with `r`, `d` constants per
+    ghost batch; the input gradient is standardization's with scale `gamma r`, and gamma's
+    gradient goes through both `r` and `d`."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(3.0, 2.0, (3, 4, 5, 2)).astype("float32")
+    gamma = rng.uniform(0.5, 1.5, (1, 1, 1, 2)).astype("float32")
+    beta = rng.normal(size=(1, 1, 1, 2)).astype("float32")
+    dy = rng.normal(size=x.shape)
+    xt, gt, bt = (tf.constant(v) for v in (x, gamma, beta))
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch([xt, gt, bt])
+            y, _ = stats.standardize(xt, [1, 2], 1e-3, gt, bt,
+                                     correction=_renorm_style_correction)
+            loss = tf.reduce_sum(y * dy)
+        return y, tape.gradient(loss, [xt, gt, bt])
+
+    y, (d_x, d_gamma, d_beta) = _run(execution, step)
+    x64 = x.astype("float64")
+    mean, var = x64.mean((1, 2), keepdims=True), x64.var((1, 2), keepdims=True)
+    r = np.clip(np.sqrt(var + 1e-3) / np.array([1.5, 0.5]), 0.8, 1.5)
+    d = np.clip((mean - np.array([2.0, -1.0])) / np.array([1.5, 0.5]), -0.4, 0.4)
+    assert np.ptp(r) > 0.1 and np.ptp(d) > 0.1  # the correction differs between groups
+    expected_y, expected_dx, *_ = _numpy_standardize(x, (1, 2), gamma * r, gamma * d + beta,
+                                                     1e-3, dy, center=True)
+    x_hat = (x64 - mean) / np.sqrt(var + 1e-3)
+    np.testing.assert_allclose(y, expected_y, atol=1e-5)
+    np.testing.assert_allclose(d_x, expected_dx, atol=1e-5)
+    np.testing.assert_allclose(d_gamma, (dy * (x_hat * r + d)).sum((0, 1, 2), keepdims=True),
+                               atol=1e-4)
+    np.testing.assert_allclose(d_beta, dy.sum((0, 1, 2), keepdims=True), atol=1e-4)
+
+
+def test_standardize_correction_needs_centring():
+    with pytest.raises(ValueError, match="standardize: `correction` needs center=True"):
+        stats.standardize(tf.ones((4, 2)), [0], 1e-3, center=False,
+                          correction=_renorm_style_correction)
 
 
 def test_set_xla_kernels_rejects_non_bool():

@@ -236,15 +236,16 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             outputs = self._normalize_ghost(x, mask, gamma, beta, self._is_training(training))
         elif self._can_use_fused_kernel(x, mask, training):
             outputs = self._normalize_fused(x, self._is_training(training))
-        elif mask is None and not (self.renorm and self._is_training(training)):
-            # Plain batch statistics the fused kernel does not cover (synchronized, other
+        elif mask is None:
+            # Batch statistics the fused kernel does not cover (renorm, synchronized, other
             # layouts and ranks, float64): a closed-form gradient instead of differentiating
             # the composed moments.
             outputs, moments = stats.standardize(x, self._reduction_axes, self.epsilon, gamma,
-                                                 beta, self.synchronized)
+                                                 beta, self.synchronized,
+                                                 correction=self._correction(training))
             if self._is_training(training):
                 self._update_statistics(moments.mean, moments.variance,
-                                        tf.reduce_sum(moments.count) > 0)
+                                        tf.reduce_sum(moments.count) > 0, after=outputs)
         else:
             moments = stats.batch_moments(x, self._reduction_axes, mask, self.synchronized)
             mean, variance = moments.mean, moments.variance
@@ -293,6 +294,10 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             )
         return tf.expand_dims(tf.cast(mask, x.dtype), self._axis)
 
+    def _correction(self, training):
+        """The renorm correction for `stats.standardize` when it applies, else `None`."""
+        return self._renorm_correction if self.renorm and self._is_training(training) else None
+
     def _normalize_with(self, x, mean, variance, gamma, beta, training):
         """Normalizes with batch statistics, applying the renorm correction when training."""
         if self.renorm and self._is_training(training):
@@ -302,7 +307,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     def _normalize_ghost(self, x, mask, gamma, beta, training):
         """Per-ghost-batch statistics: regroup `(B, ...)` as `(G, v, ...)`, normalize, undo."""
-        if mask is None and not (self.renorm and training):
+        if mask is None:
             batch_size = x.shape[0]
             if batch_size is not None:
                 if batch_size % self.virtual_batch_size == 0:
@@ -322,10 +327,12 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         gamma = None if gamma is None else tf.reshape(gamma, shape)
         beta = None if beta is None else tf.reshape(beta, shape)
         outputs, moments = stats.standardize(grouped, [a + 1 for a in self._reduction_axes],
-                                             self.epsilon, gamma, beta)
+                                             self.epsilon, gamma, beta,
+                                             correction=self._correction(training))
         if training:
             batch_mean, batch_variance, count = stats.combine_groups(moments)
-            self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0)
+            self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0,
+                                    after=outputs)
         return tf.reshape(outputs, tf.shape(x))
 
     def _normalize_ghost_padded(self, x, mask, gamma, beta, training):
@@ -372,8 +379,17 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         return r * gamma, offset if beta is None else offset + beta
 
     # ------------------------------------------------------------------ moving statistics
-    def _update_statistics(self, mean, variance, has_values):
-        """Moves the population statistics towards the batch's (skipped for an empty batch)."""
+    def _update_statistics(self, mean, variance, has_values, after=None):
+        """Moves the population statistics towards the batch's (skipped for an empty batch).
+
+        `after`: the outputs, when they were computed from the renorm statistics inside
+        `stats.standardize`'s custom gradient and its XLA kernels. The update then waits for
+        them: in a traced ghost-batch step, automatic control dependencies alone let the
+        correction see the updated statistics in some runs (found by the reference test).
+        """
+        if after is not None and self.renorm:
+            with tf.control_dependencies([after]):
+                return self._update_statistics(mean, variance, has_values)
         if not self.renorm:
             stats.assign_moving_average(self.moving_mean, mean, self.momentum, has_values)
             stats.assign_moving_average(self.moving_variance, variance, self.momentum,

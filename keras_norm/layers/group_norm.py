@@ -363,10 +363,12 @@ class GroupNormalization(base.AffineNormalization):
                 f"input_shape={tuple(input_shape)}"
             )
         self._groups = groups
+        self._one_channel_per_group = groups == channels
         self._build_affine((channels,))
         self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self._axis: channels})
         self._group_param_shape = ([1] * self._axis + [groups, channels // groups]
                                    + [1] * (ndim - self._axis - 1))
+        self._channel_param_shape = [1] * self._axis + [channels] + [1] * (ndim - self._axis - 1)
         self._reduction_axes = [a for a in range(1, ndim) if a != self._axis]
         # The same in the grouped layout (channel axis split into groups, channels per group).
         self._reduction_axes_grouped = [a for a in range(1, ndim + 1) if a != self._axis]
@@ -374,6 +376,12 @@ class GroupNormalization(base.AffineNormalization):
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
         mask = mask_for_statistics(self._owner, mask, x, self._axis, self._reduction_axes)
+        if mask is None and self._one_channel_per_group:
+            # One channel per group (instance norm): no group axis to split off; XLA's CPU
+            # backend reduces the unsplit layout faster.
+            gamma, beta = self._affine_parameters(x.dtype, self._channel_param_shape)
+            outputs, _ = stats.standardize(x, self._reduction_axes, self.epsilon, gamma, beta)
+            return tf.cast(outputs, self.compute_dtype)
         gamma, beta = self._affine_parameters(x.dtype, self._group_param_shape)
         if mask is None:
             # Unmasked: one op with a closed-form gradient (see stats.standardize).

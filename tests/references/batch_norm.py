@@ -57,12 +57,7 @@ class BatchNormReference:
             mean, var, n = self._stats(xl[g], gm)
             xhat = (xl[g] - mean) / np.sqrt(var + self.eps)
             if self.renorm and update:
-                sigma = np.maximum(self.w["renorm_stddev"], np.sqrt(self.eps))
-                r = np.sqrt(var + self.eps) / sigma
-                d = (mean - self.w["renorm_mean"]) / sigma
-                r = np.clip(r, self.clip.get("rmin", -np.inf), self.clip.get("rmax", np.inf))
-                dmax = self.clip.get("dmax", np.inf)
-                d = np.clip(d, -dmax, dmax)
+                r, d = self._renorm_correction(mean, var)
                 xhat = xhat * r + d
             y[g] = gamma * xhat + beta
             means.append(mean), variances.append(var), counts.append(n)
@@ -72,6 +67,15 @@ class BatchNormReference:
             var = (counts * np.asarray(variances)).sum(0) / counts.sum()
             self._update(mean, var)
         return self._restore(y, x)
+
+    def _renorm_correction(self, mean, var):
+        """Batch Renormalization's clipped `(r, d)` against the current renorm statistics."""
+        sigma = np.maximum(self.w["renorm_stddev"], np.sqrt(self.eps))
+        r = np.sqrt(var + self.eps) / sigma
+        d = (mean - self.w["renorm_mean"]) / sigma
+        r = np.clip(r, self.clip.get("rmin", -np.inf), self.clip.get("rmax", np.inf))
+        dmax = self.clip.get("dmax", np.inf)
+        return r, np.clip(d, -dmax, dmax)
 
     def _update(self, mean, var):
         mo = self.momentum
@@ -106,15 +110,28 @@ class BatchNormReference:
             xg, dg = xl[g].reshape(-1, xl.shape[-1]), dyl[g].reshape(-1, xl.shape[-1]) * gamma
             mean, var = xg.mean(0), xg.var(0)
             if self.renorm:  # r is a constant (stop_gradient) scale on x_hat
-                sigma = np.maximum(self.w["renorm_stddev"], np.sqrt(self.eps))
-                r = np.clip(np.sqrt(var + self.eps) / sigma, self.clip.get("rmin", -np.inf),
-                            self.clip.get("rmax", np.inf))
-                dg = dg * r
+                dg = dg * self._renorm_correction(mean, var)[0]
             inv = 1 / np.sqrt(var + self.eps)
             xhat = (xg - mean) * inv
             d = inv * (dg - dg.mean(0) - xhat * (dg * xhat).mean(0))
             dx[g] = d.reshape(xl[g].shape)
         return self._restore(dx, x)
+
+    def weight_gradients(self, x, dy):
+        """Gradients of sum(y * dy) w.r.t. gamma and beta in training mode (unmasked):
+        `sum dy * (x_hat r + d)` with renorm's constant `r`, `d` per (ghost) batch."""
+        xl, dyl = self._channels_last(x), self._channels_last(dy)
+        corrected = np.empty_like(xl)
+        for g in self._groups(xl.shape[0]):
+            mean, var, _ = self._stats(xl[g], None)
+            xhat = (xl[g] - mean) / np.sqrt(var + self.eps)
+            if self.renorm:
+                r, d = self._renorm_correction(mean, var)
+                xhat = xhat * r + d
+            corrected[g] = xhat
+        axes = tuple(range(xl.ndim - 1))
+        gradients = {"gamma": (dyl * corrected).sum(axes), "beta": dyl.sum(axes)}
+        return {name: value for name, value in gradients.items() if name in self.w}
 
     def state(self):
         return {k: v for k, v in self.w.items() if k not in ("gamma", "beta")}
