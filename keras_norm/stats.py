@@ -413,6 +413,114 @@ def _standardize_corrected(x, gamma, beta, correction, epsilon, static, statisti
     return outputs, moments
 
 
+def standardize_with(x, axes, epsilon, statistics_fn, gamma=None, beta=None,
+                     synchronized=False):
+    """`gamma * (x - M) / sqrt(V + epsilon) + beta` with `(M, V) = statistics_fn(mean, var)`
+    of the batch moments over `axes`, with a hand-written backward pass.
+
+    For layers that normalize with statistics derived from the batch's (Cross-Iteration BN
+    pools them with compensated statistics of earlier iterations): gradients reach `x`
+    through `mean` and `var` as `statistics_fn` passes them on. `statistics_fn` must act
+    channel by channel (each output value depends only on the same position of `mean` and
+    `var`) and read no state that the caller updates in the same step after this call. Its
+    per-channel derivatives are taken once, in the forward pass (so the backward pass reads
+    no variable again), and with `dM, dV` the loss's gradients of `M, V`:
+
+        dmean = dM dM/dmean + dV dV/dmean,   dvar = dM dM/dvar + dV dV/dvar
+        dx = dy gamma / sigma + dmean / n + dvar 2 (x - mean) / n
+        dM = -sum(dy gamma) / sigma,   dV = -sum(dy gamma (x - M)) / (2 sigma^3)
+
+    with `sigma = sqrt(V + epsilon)`. With `statistics_fn` the identity this is
+    `standardize`. Moments and the sums of `dM`, `dV` span all replicas when `synchronized`.
+
+    Args:
+        x: Float input in its statistics dtype.
+        axes: The reduction axes (`gamma` and `beta` must have size 1 along them).
+        epsilon: Added to `V`.
+        statistics_fn: Callable `(mean, var) -> (M, V)` on tensors shaped like the moments.
+        gamma, beta: Optional scale and offset, broadcastable to the moments.
+        synchronized: Whether the statistics span all replicas.
+
+    Returns:
+        `(outputs, Moments)`: the batch's own moments (no gradient).
+    """
+    rank = len(x.shape)
+    sync = synchronized and num_replicas_in_sync() > 1
+    gamma = tf.ones([1] * rank, x.dtype) if gamma is None else gamma
+    beta = tf.zeros([1] * rank, x.dtype) if beta is None else beta
+    for name, parameter in (("gamma", gamma), ("beta", beta)):
+        if any(parameter.shape[a] != 1 for a in axes):
+            raise ValueError(f"standardize_with: `{name}` must have size 1 along the reduced "
+                             f"axes {list(axes)}. Received: {name}.shape={parameter.shape}")
+    static = {"axes": tuple(axes), "center": True, "sync": sync}
+    statistics_pass = _standardize_statistics.plain if sync else _standardize_statistics
+
+    @tf.custom_gradient
+    def forward(x, gamma, beta):
+        count, mean, m2, _ = statistics_pass(x, epsilon=float(epsilon), **static)
+        variance = tf.math.divide_no_nan(m2, count)
+        derived_mean, derived_variance, jacobian = _channelwise_jacobian(statistics_fn, mean,
+                                                                         variance)
+        inv_std = tf.math.rsqrt(derived_variance + epsilon)
+        outputs = _standardize_affine(x, derived_mean, inv_std, gamma, beta)
+
+        def backward(d_outputs, *_statistics_gradients):
+            sum_dy, sum_dy_centred = _shifted_sums(d_outputs, x, derived_mean, axes=axes)
+            d_gamma = sum_to(sum_dy_centred * inv_std, gamma)
+            d_beta = sum_to(sum_dy, beta)
+            d_derived_mean = -gamma * sum_dy * inv_std
+            d_derived_variance = -0.5 * gamma * sum_dy_centred * inv_std ** 3
+            if sync:
+                d_derived_mean, d_derived_variance = all_reduce_sum(
+                    (d_derived_mean, d_derived_variance))
+            (mean_by_mean, mean_by_variance), (variance_by_mean, variance_by_variance) = jacobian
+            d_mean = d_derived_mean * mean_by_mean + d_derived_variance * variance_by_mean
+            d_variance = (d_derived_mean * mean_by_variance
+                          + d_derived_variance * variance_by_variance)
+            d_x = _input_gradient_through_moments(
+                d_outputs, x, mean, gamma * inv_std, tf.math.divide_no_nan(d_mean, count),
+                tf.math.divide_no_nan(2.0 * d_variance, count))
+            return d_x, d_gamma, d_beta
+
+        return (outputs, tf.reshape(count, [1] * rank), mean, m2), backward
+
+    outputs, count, mean, m2 = forward(x, gamma, beta)
+    moments = Moments(tf.stop_gradient(count), tf.stop_gradient(mean), tf.stop_gradient(m2))
+    return outputs, moments
+
+
+def _channelwise_jacobian(statistics_fn, mean, variance):
+    """`(M, V, ((dM/dmean, dM/dvar), (dV/dmean, dV/dvar)))` of a channel-wise function: the
+    gradient of `sum(M)` is then each channel's own derivative."""
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([mean, variance])
+        derived_mean, derived_variance = statistics_fn(mean, variance)
+        total_mean, total_variance = (tf.reduce_sum(derived_mean),
+                                      tf.reduce_sum(derived_variance))
+    zero = tf.UnconnectedGradients.ZERO
+    jacobian = (tuple(tape.gradient(total_mean, [mean, variance], unconnected_gradients=zero)),
+                tuple(tape.gradient(total_variance, [mean, variance],
+                                    unconnected_gradients=zero)))
+    del tape
+    return (tf.stop_gradient(derived_mean), tf.stop_gradient(derived_variance),
+            tf.nest.map_structure(tf.stop_gradient, jacobian))
+
+
+@kernel
+def _shifted_sums(d_outputs, x, shift, *, axes):
+    """`(sum dy, sum dy (x - shift))` over `axes`, as one reduction of stacked terms."""
+    terms = tf.stack([d_outputs, d_outputs * (x - shift)], axis=-1)
+    sums = tf.reduce_sum(terms, list(axes), keepdims=True)
+    return sums[..., 0], sums[..., 1]
+
+
+@kernel
+def _input_gradient_through_moments(d_outputs, x, mean, scale, mean_coefficient,
+                                    variance_coefficient):
+    """`dy scale + mean_coefficient + variance_coefficient (x - mean)`."""
+    return d_outputs * scale + mean_coefficient + variance_coefficient * (x - mean)
+
+
 @kernel
 def _standardize_affine(x, mean, inv_std, scale, offset):
     """`(x - mean) * inv_std * scale + offset`: the output pass of `_standardize_corrected`."""

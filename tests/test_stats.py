@@ -246,3 +246,65 @@ def test_compiled_kernels_differentiate_inside_control_flow():
     for with_kernels, plain in zip(_control_flow_gradients(True), _control_flow_gradients(False)):
         assert np.abs(plain).max() > 1e-3
         np.testing.assert_allclose(with_kernels, plain, atol=1e-5)
+
+
+def _derived_statistics(mean, variance):
+    """A channel-wise map of the moments that mixes both (as Cross-Iteration BN's pooling)."""
+    return 0.5 * mean + 0.3, 0.7 * variance + 0.2 * tf.square(mean) + 0.1
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_standardize_with_derived_statistics_matches_autodiff(execution):
+    """`standardize_with`: values and gradients (x, gamma, beta) equal automatic
+    differentiation of the formula written with `tf.nn.moments`."""
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(2.0, 3.0, (6, 4, 5, 3)), tf.float32)
+    gamma = tf.constant(rng.uniform(0.5, 1.5, (1, 1, 1, 3)), tf.float32)
+    beta = tf.constant(rng.normal(size=(1, 1, 1, 3)), tf.float32)
+    dy = tf.constant(rng.normal(size=x.shape), tf.float32)
+
+    def closed_form():
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, moments = stats.standardize_with(x, [0, 1, 2], 1e-3, _derived_statistics,
+                                                gamma, beta)
+            loss = tf.reduce_sum(y * dy)
+        return y, moments.variance, tape.gradient(loss, [x, gamma, beta])
+
+    with tf.GradientTape() as tape:
+        tape.watch([x, gamma, beta])
+        mean, variance = tf.nn.moments(x, [0, 1, 2], keepdims=True)
+        derived_mean, derived_variance = _derived_statistics(mean, variance)
+        expected_y = gamma * (x - derived_mean) / tf.sqrt(derived_variance + 1e-3) + beta
+        loss = tf.reduce_sum(expected_y * dy)
+    expected_gradients = tape.gradient(loss, [x, gamma, beta])
+
+    y, batch_variance, gradients = _run(execution, closed_form)
+    np.testing.assert_allclose(y, expected_y, atol=1e-5)
+    np.testing.assert_allclose(batch_variance, variance, rtol=1e-5)
+    for actual, expected, name in zip(gradients, expected_gradients, ["x", "gamma", "beta"]):
+        np.testing.assert_allclose(actual, expected, atol=1e-4, err_msg=name)
+
+
+def test_standardize_with_identity_is_standardize():
+    x = tf.constant(np.random.default_rng(8).normal(1.0, 2.0, (8, 5)), tf.float32)
+    dy = tf.constant(np.random.default_rng(9).normal(size=(8, 5)), tf.float32)
+
+    def gradient(function):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, _ = function()
+            loss = tf.reduce_sum(y * dy)
+        return y, tape.gradient(loss, x)
+
+    ours = gradient(lambda: stats.standardize_with(x, [0], 1e-3, lambda m, v: (m, v)))
+    plain = gradient(lambda: stats.standardize(x, [0], 1e-3))
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_standardize_with_rejects_parameters_varying_along_the_axes():
+    with pytest.raises(ValueError, match=r"standardize_with: `gamma` must have size 1 along "
+                                         r"the reduced axes \[0, 1\]. Received: gamma.shape="):
+        stats.standardize_with(tf.ones((4, 3, 2)), [0, 1], 1e-3, lambda m, v: (m, v),
+                               gamma=tf.ones((1, 3, 2)))

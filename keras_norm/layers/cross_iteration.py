@@ -75,7 +75,13 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
       the layer's own backward pass (the convolution's filter gradient, for Dense `x^T g`),
       taken with a gradient tape on the forward product already computed and kept out of the
       training gradient. `dmu_c/dW` is the same for every channel `c` (the mean input patch),
-      so it is stored once, with the kernel's shape minus its output axis.
+      so it is stored once, with the kernel's shape minus its output axis; without a mask it
+      is the filter gradient of a one-channel probe on the batch's sum (one example's work).
+    - Speed. Unmasked, the normalization takes `stats.standardize_with`'s closed-form
+      gradient through the pooled statistics. The variance derivative costs one filter
+      gradient per step on top of Conv + BN (147 ms against a 390 ms Conv + BN
+      forward+backward step on (128, 32, 32, 64), 2-core CPU), so the layer takes about
+      1.5x the time of the Conv + BN pair it replaces without XLA and 1.3x with it.
     - Numerics. The stored second moment is kept in centred form: the variance
       `var = nu - mu^2` (two-pass) and `dvar/dW = dnu/dW - 2 mu dmu/dW = 2 E[(y - mu) patch]`.
       The compensated variance `var + dvar/dW . dW - (dmu/dW . dW)^2` is algebraically
@@ -295,12 +301,21 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             # Records the product so that its kernel gradients (the derivatives of the batch
             # statistics) come from the same forward pass; `probe` is a one-channel kernel
             # whose gradient is the mean input patch, dmu/dW (the same for every channel).
+            # Unmasked, every output position weighs the same, so the probe runs on the
+            # batch's sum (float32): the map is linear, and one example instead of the
+            # batch makes its filter gradient ~1/B of the cost (73 ms of a 390 ms Conv+BN
+            # step on (128, 32, 32, 64), 2-core CPU, before).
+            probe_input = x
+            probe_dtype = compute_dtype
+            if mask is None:
+                probe_dtype = statistics_dtype
+                probe_input = tf.reduce_sum(tf.cast(x, probe_dtype), axis=0, keepdims=True)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(kernel_compute)
-                probe = tf.zeros(self._kernel_shape[:-1] + (1,), compute_dtype)
+                probe = tf.zeros(self._kernel_shape[:-1] + (1,), probe_dtype)
                 tape.watch(probe)
                 product = self._linear(x, kernel_compute)
-                product_probe = self._linear(x, probe)
+                product_probe = self._linear(probe_input, probe)
             recorded = (tape, (product, product_probe), (kernel_compute, probe))
         else:
             product = self._linear(x, kernel_compute)
@@ -312,26 +327,56 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             variance = tf.reshape(tf.cast(self.moving_variance, statistics_dtype),
                                   self._param_shape)
             outputs = stats.normalize(z + bias, mean, variance, self.epsilon, gamma, beta)
+        elif mask is None:
+            outputs, moments = self._normalize_unmasked(z, bias, gamma, beta, kernel, windowed)
+            self._update_state(moments, recorded if windowed else None, z, mask, kernel, bias,
+                               training, after=outputs)
         else:
             moments = stats.batch_moments(z, self._reduction_axes, mask, self.synchronized)
-            mean, variance = moments.mean, moments.variance
-            has_values = tf.reduce_sum(moments.count) > 0
+            pooled_mean, pooled_variance = moments.mean, moments.variance
             if windowed:
-                derivatives = self._kernel_derivatives(recorded, z, mask, moments)
-                pooled_mean, pooled_variance = self._pool(mean, variance, kernel)
-                self._update_window(mean, variance, derivatives, kernel, has_values)
-            else:
-                pooled_mean, pooled_variance = mean, variance
+                pooled_mean, pooled_variance = self._pool(moments.mean, moments.variance,
+                                                          kernel)
             outputs = stats.normalize(z + bias, pooled_mean + bias, pooled_variance,
                                       self.epsilon, gamma, beta)
-            if self._is_training(training):
-                stats.assign_moving_average(self.moving_mean, mean + bias, self.momentum,
-                                            has_values)
-                stats.assign_moving_average(self.moving_variance, variance, self.momentum,
-                                            has_values)
+            self._update_state(moments, recorded if windowed else None, z, mask, kernel, bias,
+                               training, after=outputs)
         if self.layer.activation is not None:
             outputs = self.layer.activation(outputs)
         return tf.cast(outputs, self.compute_dtype)
+
+    def _normalize_unmasked(self, z, bias, gamma, beta, kernel, windowed):
+        """Batch (or pooled) statistics without a mask: `stats.standardize_with`'s
+        closed-form gradient instead of differentiating the composed moments."""
+        def statistics(mean, variance):
+            if not windowed:
+                return mean, variance
+            return self._pool(mean, variance, kernel)
+
+        # The bias cancels in the normalization (it only shifts the moving mean): its gradient
+        # is exactly zero, kept as a zero (through beta) rather than None so that optimizers
+        # see every weight.
+        if self.layer.bias is not None:
+            zero = 0.0 * bias
+            beta = zero if beta is None else beta + zero
+        return stats.standardize_with(z, self._reduction_axes, self.epsilon, statistics, gamma,
+                                      beta, self.synchronized)
+
+    def _update_state(self, moments, recorded, z, mask, kernel, bias, training, after):
+        """Pushes the iteration into the window (when `recorded`) and moves the population
+        statistics; both wait for `after` (the outputs), whose statistics read the window."""
+        if not self._is_training(training):
+            return
+        with tf.control_dependencies([after]):
+            has_values = tf.reduce_sum(moments.count) > 0
+            if recorded is not None:
+                derivatives = self._kernel_derivatives(recorded, z, mask, moments)
+                self._update_window(moments.mean, moments.variance, derivatives, kernel,
+                                    has_values)
+            stats.assign_moving_average(self.moving_mean, moments.mean + bias, self.momentum,
+                                        has_values)
+            stats.assign_moving_average(self.moving_variance, moments.variance, self.momentum,
+                                        has_values)
 
     def _expand_mask(self, mask, z):
         """Keras's mask has the output's shape without the channel axis: add that axis."""
