@@ -150,6 +150,28 @@ def test_closed_form_gradients_equal_autodiff(name, training):
             np.testing.assert_allclose(a, e, atol=1e-4, rtol=1e-4, err_msg=what)
 
 
+def test_frn_tlu_ties_pass_the_normalized_value():
+    """Where the normalized value equals `tau` exactly (here zeros with the default
+    `beta = tau = 0`), the gradient goes to the normalized value, as `tf.maximum`'s does."""
+    layer = FilterResponseNormalization()
+    x = np.random.default_rng(7).normal(size=(2, 3, 3, 4)).astype("float32")
+    x[:, 1, :, :] = 0.0
+    x = tf.constant(x)
+    dy = tf.constant(np.random.default_rng(8).normal(size=x.shape).astype("float32"))
+    layer.build(x.shape)
+
+    def gradients(forward):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(forward(x) * dy)
+        return tape.gradient(loss, [x] + layer.trainable_variables)
+
+    expected = gradients(lambda x: _autodiff_forward(layer, x, True))
+    for actual in (gradients(layer), tf.function(lambda: gradients(layer))()):
+        for a, e in zip(actual, expected):
+            np.testing.assert_allclose(a, e, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["frn_learned_epsilon", "frn_channels_first", "b0",
                                   "b0_channels_first", "b0_batch_inference",
                                   "s0_channels_first"])

@@ -127,6 +127,13 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
 
     def call(self, inputs):
         x = base.to_statistics_dtype(inputs)
+        if self.eps_learned is None and self.tau is not None:
+            # FRN and TLU as one closed-form step (see `_frn_tlu`).
+            gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
+            tau = self._channel_parameter(self.tau, x.dtype)
+            outputs = _frn_tlu(x, gamma, beta, tau, axes=self._spatial_axes,
+                               epsilon=self.epsilon)
+            return tf.cast(outputs, self.compute_dtype)
         if self.eps_learned is None:
             # x / sqrt(mean(x^2) + eps) with a closed-form gradient (see stats.standardize).
             gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
@@ -152,3 +159,54 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
                 self.learned_epsilon_constraint),
         }
         return {**super().get_config(), **config}
+
+
+# ------------------------------------------------------------------ FRN + TLU closed form
+def _frn_tlu(x, gamma, beta, tau, *, axes, epsilon):
+    """`max(gamma x / sqrt(mean(x^2) + eps) + beta, tau)` (mean over `axes`) with a
+    hand-written backward pass: one forward and one backward kernel, so the TLU's select
+    and its gradients fuse into the normalization's passes instead of costing full-size
+    passes of their own (FRN forward+backward without model-level XLA, (128, 32, 32, 64),
+    2-core CPU: 1.56x -> 1.09x keras_norm BN; with it 1.12x -> 0.88x).
+
+    With `r = 1 / sqrt(mean(x^2) + eps)`, `z = gamma x r + beta`, `A = [z >= tau]` (ties
+    pass `z`, as `tf.maximum`'s gradient does) and `dz = dy A`:
+
+        dx = gamma r (dz - x r^2 mean(dz x)),   dgamma = sum dz x r,   dbeta = sum dz
+        dtau = sum dy (1 - A)
+    """
+    rank = len(x.shape)
+    gamma = tf.ones([1] * rank, x.dtype) if gamma is None else gamma
+    beta = tf.zeros([1] * rank, x.dtype) if beta is None else beta
+
+    @tf.custom_gradient
+    def forward(x, gamma, beta, tau):
+        outputs, inv_std = _frn_tlu_forward(x, gamma, beta, tau, axes=tuple(axes),
+                                            epsilon=float(epsilon))
+
+        def backward(d_outputs):
+            return _frn_tlu_backward(d_outputs, x, inv_std, gamma, beta, tau, axes=tuple(axes))
+
+        return outputs, backward
+
+    return forward(x, gamma, beta, tau)
+
+
+@stats.kernel
+def _frn_tlu_forward(x, gamma, beta, tau, *, axes, epsilon):
+    inv_std = tf.math.rsqrt(tf.reduce_mean(tf.square(x), list(axes), keepdims=True) + epsilon)
+    return tf.maximum(x * (gamma * inv_std) + beta, tau), inv_std
+
+
+@stats.kernel
+def _frn_tlu_backward(d_outputs, x, inv_std, gamma, beta, tau, *, axes):
+    scale = gamma * inv_std
+    passes = tf.cast(x * scale + beta >= tau, x.dtype)
+    d_z = d_outputs * passes
+    # The spatial sums as one reduction of stacked terms (see evonorm's `_b0_backward_sums`).
+    terms = tf.stack([d_z * x, d_z, d_outputs - d_z], axis=-1)
+    sum_dz_x, sum_dz, sum_blocked = tf.unstack(stats.sum_over(terms, list(axes)), axis=-1)
+    count = stats.count_over(x, axes)
+    d_x = scale * (d_z - x * (tf.square(inv_std) * sum_dz_x / count))
+    return (d_x, stats.sum_to(sum_dz_x * inv_std, gamma), stats.sum_to(sum_dz, beta),
+            stats.sum_to(sum_blocked, tau))
