@@ -306,8 +306,7 @@ def _behind_barrier(function):
     return wrapped
 
 
-def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, center=True,
-                correction=None):
+def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, center=True):
     """`gamma * (x - mean) / sqrt(var + epsilon) + beta` with moments over `axes` and a
     hand-written backward pass: the training-mode step of batch, ghost, group, instance and
     layer norm (unmasked inputs), and with `center=False` of RMS norm and FRN.
@@ -344,30 +343,17 @@ def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, cen
         synchronized: Whether statistics (and their gradients) span all replicas.
         center: If `False`, no mean is subtracted: `x / sqrt(mean(x ** 2) + epsilon)`, the
             second moment about zero (RMS norm, FRN), and the returned mean is 0.
-        correction: Optional callable `(mean, variance) -> (r, d)` of the batch moments,
-            returning tensors that carry no gradient (Batch Renormalization's correction):
-            the output is then `gamma * (x_hat * r + d) + beta`. The input gradient is that
-            of standardizing with scale `gamma * r`; `gamma`'s gradient goes through both
-            `r` and `d`. Needs `center=True`.
 
     Returns:
         `(outputs, Moments)`; the moments (for moving averages) carry no gradient.
     """
     rank = len(x.shape)
     sync = synchronized and num_replicas_in_sync() > 1
-    gamma = tf.ones([1] * rank, x.dtype) if gamma is None else gamma
-    beta = tf.zeros([1] * rank, x.dtype) if beta is None else beta
+    gamma, beta = affine_or_identity(x, gamma, beta)
     static = {"axes": tuple(axes), "center": bool(center), "sync": sync}
     forward_pass, backward_pass = _standardize_forward, _standardize_backward
-    statistics_pass, affine_pass = _standardize_statistics, _standardize_affine
     if sync:  # collectives stay outside XLA (see above)
         forward_pass, backward_pass = forward_pass.plain, backward_pass.plain
-        statistics_pass = statistics_pass.plain
-    if correction is not None:
-        if not center:
-            raise ValueError("standardize: `correction` needs center=True.")
-        return _standardize_corrected(x, gamma, beta, correction, float(epsilon), static,
-                                      statistics_pass, affine_pass, backward_pass)
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
@@ -380,37 +366,21 @@ def standardize(x, axes, epsilon, gamma=None, beta=None, synchronized=False, cen
 
         return (outputs, tf.reshape(count, [1] * rank), mean, m2), backward
 
-    outputs, count, mean, m2 = forward(x, gamma, beta)
-    moments = Moments(tf.stop_gradient(count), tf.stop_gradient(mean), tf.stop_gradient(m2))
-    return outputs, moments
+    return outputs_and_moments(*forward(x, gamma, beta))
 
 
-def _standardize_corrected(x, gamma, beta, correction, epsilon, static, statistics_pass,
-                           affine_pass, backward_pass):
-    """`standardize` with a `correction` of the normalized values (see there): the moments
-    pass, the small correction, then the output pass; the backward pass is `standardize`'s
-    with the composed scale and offset."""
-    rank = len(x.shape)
+def affine_or_identity(x, gamma, beta):
+    """`(gamma, beta)` with `None` replaced by a broadcastable 1 and 0 in `x`'s dtype (for
+    closed-form steps that always take both)."""
+    ones = [1] * len(x.shape)
+    return (tf.ones(ones, x.dtype) if gamma is None else gamma,
+            tf.zeros(ones, x.dtype) if beta is None else beta)
 
-    @tf.custom_gradient
-    def forward(x, gamma, beta):
-        count, mean, m2, inv_std = statistics_pass(x, epsilon=epsilon, **static)
-        r, d = correction(mean, tf.math.divide_no_nan(m2, count))
-        scale, offset = gamma * r, gamma * d + beta
-        outputs = affine_pass(x, mean, inv_std, scale, offset)
 
-        def backward(d_outputs, *_statistics_gradients):
-            d_x, d_scale, d_offset = backward_pass(d_outputs, x, mean, inv_std, count, scale,
-                                                   offset, **static)
-            # scale = gamma r and offset = gamma d + beta, with r and d constants.
-            d_gamma = sum_to(d_scale * r + d_offset * d, gamma)
-            return d_x, d_gamma, sum_to(d_offset, beta)
-
-        return (outputs, tf.reshape(count, [1] * rank), mean, m2), backward
-
-    outputs, count, mean, m2 = forward(x, gamma, beta)
-    moments = Moments(tf.stop_gradient(count), tf.stop_gradient(mean), tf.stop_gradient(m2))
-    return outputs, moments
+def outputs_and_moments(outputs, count, mean, m2):
+    """`(outputs, Moments)` from a closed-form step's results; the moments feed moving
+    averages and carry no gradient."""
+    return outputs, Moments(*(tf.stop_gradient(t) for t in (count, mean, m2)))
 
 
 def standardize_with(x, axes, epsilon, statistics_fn, gamma=None, beta=None,
@@ -419,7 +389,9 @@ def standardize_with(x, axes, epsilon, statistics_fn, gamma=None, beta=None,
     of the batch moments over `axes`, with a hand-written backward pass.
 
     For layers that normalize with statistics derived from the batch's (Cross-Iteration BN
-    pools them with compensated statistics of earlier iterations): gradients reach `x`
+    pools them with compensated statistics of earlier iterations; Batch Renormalization's
+    `x_hat r + d` with constant `r, d` is `(x - M) / sqrt(V + eps)` for `M = mean - d s`,
+    `V = s^2 - eps`, `s = sqrt(var + eps) / r`): gradients reach `x`
     through `mean` and `var` as `statistics_fn` passes them on. `statistics_fn` must act
     channel by channel (each output value depends only on the same position of `mean` and
     `var`) and read no state that the caller updates in the same step after this call. Its
@@ -446,14 +418,15 @@ def standardize_with(x, axes, epsilon, statistics_fn, gamma=None, beta=None,
     """
     rank = len(x.shape)
     sync = synchronized and num_replicas_in_sync() > 1
-    gamma = tf.ones([1] * rank, x.dtype) if gamma is None else gamma
-    beta = tf.zeros([1] * rank, x.dtype) if beta is None else beta
+    gamma, beta = affine_or_identity(x, gamma, beta)
     for name, parameter in (("gamma", gamma), ("beta", beta)):
         if any(parameter.shape[a] != 1 for a in axes):
             raise ValueError(f"standardize_with: `{name}` must have size 1 along the reduced "
                              f"axes {list(axes)}. Received: {name}.shape={parameter.shape}")
     static = {"axes": tuple(axes), "center": True, "sync": sync}
-    statistics_pass = _standardize_statistics.plain if sync else _standardize_statistics
+    statistics_pass, backward_pass = _standardize_statistics, _standardize_with_backward
+    if sync:  # collectives stay outside XLA (see `standardize`)
+        statistics_pass, backward_pass = statistics_pass.plain, backward_pass.plain
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
@@ -465,32 +438,16 @@ def standardize_with(x, axes, epsilon, statistics_fn, gamma=None, beta=None,
         outputs = _standardize_affine(x, derived_mean, inv_std, gamma, beta)
 
         def backward(d_outputs, *_statistics_gradients):
-            sum_dy, sum_dy_centred = _shifted_sums(d_outputs, x, derived_mean, axes=axes)
-            d_gamma = sum_to(sum_dy_centred * inv_std, gamma)
-            d_beta = sum_to(sum_dy, beta)
-            d_derived_mean = -gamma * sum_dy * inv_std
-            d_derived_variance = -0.5 * gamma * sum_dy_centred * inv_std ** 3
-            if sync:
-                d_derived_mean, d_derived_variance = all_reduce_sum(
-                    (d_derived_mean, d_derived_variance))
-            (mean_by_mean, mean_by_variance), (variance_by_mean, variance_by_variance) = jacobian
-            d_mean = d_derived_mean * mean_by_mean + d_derived_variance * variance_by_mean
-            d_variance = (d_derived_mean * mean_by_variance
-                          + d_derived_variance * variance_by_variance)
-            d_x = _input_gradient_through_moments(
-                d_outputs, x, mean, gamma * inv_std, tf.math.divide_no_nan(d_mean, count),
-                tf.math.divide_no_nan(2.0 * d_variance, count))
-            return d_x, d_gamma, d_beta
+            return backward_pass(d_outputs, x, mean, derived_mean, inv_std, count, gamma, beta,
+                                 *jacobian, axes=tuple(axes), sync=sync)
 
         return (outputs, tf.reshape(count, [1] * rank), mean, m2), backward
 
-    outputs, count, mean, m2 = forward(x, gamma, beta)
-    moments = Moments(tf.stop_gradient(count), tf.stop_gradient(mean), tf.stop_gradient(m2))
-    return outputs, moments
+    return outputs_and_moments(*forward(x, gamma, beta))
 
 
 def _channelwise_jacobian(statistics_fn, mean, variance):
-    """`(M, V, ((dM/dmean, dM/dvar), (dV/dmean, dV/dvar)))` of a channel-wise function: the
+    """`(M, V, [dM/dmean, dM/dvar, dV/dmean, dV/dvar])` of a channel-wise function: the
     gradient of `sum(M)` is then each channel's own derivative."""
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([mean, variance])
@@ -503,33 +460,41 @@ def _channelwise_jacobian(statistics_fn, mean, variance):
                                     unconnected_gradients=zero)))
     del tape
     return (tf.stop_gradient(derived_mean), tf.stop_gradient(derived_variance),
-            tf.nest.map_structure(tf.stop_gradient, jacobian))
+            [tf.stop_gradient(t) for pair in jacobian for t in pair])
 
 
 @kernel
-def _shifted_sums(d_outputs, x, shift, *, axes):
-    """`(sum dy, sum dy (x - shift))` over `axes`, as one reduction of stacked terms."""
-    terms = tf.stack([d_outputs, d_outputs * (x - shift)], axis=-1)
-    sums = tf.reduce_sum(terms, list(axes), keepdims=True)
-    return sums[..., 0], sums[..., 1]
-
-
-@kernel
-def _input_gradient_through_moments(d_outputs, x, mean, scale, mean_coefficient,
-                                    variance_coefficient):
-    """`dy scale + mean_coefficient + variance_coefficient (x - mean)`."""
-    return d_outputs * scale + mean_coefficient + variance_coefficient * (x - mean)
+def _standardize_with_backward(d_outputs, x, mean, derived_mean, inv_std, count, gamma, beta,
+                               mean_by_mean, mean_by_variance, variance_by_mean,
+                               variance_by_variance, *, axes, sync):
+    """`standardize_with`'s backward pass (formulas there): the gradients of `x`, `gamma` and
+    `beta`, with `d{M,V}/d{mean,var}` the per-channel derivatives of the statistics map.
+    Separate reductions: on a batch layout XLA's CPU backend reduces stacked terms slower."""
+    sum_dy = tf.reduce_sum(d_outputs, list(axes), keepdims=True)
+    sum_dy_centred = tf.reduce_sum(d_outputs * (x - derived_mean), list(axes), keepdims=True)
+    d_gamma = sum_to(sum_dy_centred * inv_std, gamma)
+    d_beta = sum_to(sum_dy, beta)
+    d_derived_mean = -gamma * sum_dy * inv_std
+    d_derived_variance = -0.5 * gamma * sum_dy_centred * inv_std ** 3
+    if sync:
+        d_derived_mean, d_derived_variance = all_reduce_sum((d_derived_mean, d_derived_variance))
+    d_mean = d_derived_mean * mean_by_mean + d_derived_variance * variance_by_mean
+    d_variance = d_derived_mean * mean_by_variance + d_derived_variance * variance_by_variance
+    d_x = (d_outputs * (gamma * inv_std) + tf.math.divide_no_nan(d_mean, count)
+           + tf.math.divide_no_nan(2.0 * d_variance, count) * (x - mean))
+    return d_x, d_gamma, d_beta
 
 
 @kernel
 def _standardize_affine(x, mean, inv_std, scale, offset):
-    """`(x - mean) * inv_std * scale + offset`: the output pass of `_standardize_corrected`."""
+    """`(x - mean) * inv_std * scale + offset`: the output pass of `standardize_with`."""
     return (x - mean) * (scale * inv_std) + offset
 
 
 @kernel
 def _standardize_statistics(x, *, axes, epsilon, center, sync):
-    """`(count, mean, m2, inv_std)` of `standardize` (its forward pass without the output)."""
+    """`(count, mean, m2, inv_std)`: `standardize`'s forward pass without the output (the
+    statistics pass of `standardize_with`)."""
     count, mean, m2, inv_std, _ = _standardize_moments(x, axes, epsilon, center, sync)
     return count, mean, m2, inv_std
 

@@ -150,19 +150,23 @@ def test_graph_mode_calls_the_compiled_kernels():
     assert not compiled_functions(False)
 
 
-def _renorm_style_correction(mean, variance):
-    """A Batch Renormalization correction against fixed statistics, with clipping."""
+def _renorm_style_statistics(mean, variance):
+    """Batch Renormalization's correction against fixed statistics, with clipping, as
+    statistics to normalize by (`x_hat r + d = (x - M) / s`, `s = sqrt(var + eps) / r`,
+    `M = mean - d s`)."""
     sigma = tf.constant([[[[1.5, 0.5]]]])
-    r = tf.clip_by_value(tf.sqrt(variance + 1e-3) / sigma, 0.8, 1.5)
-    d = tf.clip_by_value((mean - tf.constant([[[[2.0, -1.0]]]])) / sigma, -0.4, 0.4)
-    return tf.stop_gradient(r), tf.stop_gradient(d)
+    r = tf.stop_gradient(tf.clip_by_value(tf.sqrt(variance + 1e-3) / sigma, 0.8, 1.5))
+    d = tf.stop_gradient(tf.clip_by_value((mean - tf.constant([[[[2.0, -1.0]]]])) / sigma,
+                                          -0.4, 0.4))
+    scale = tf.sqrt(variance + 1e-3) / r
+    return mean - d * scale, tf.square(scale) - 1e-3
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
-def test_standardize_with_correction_matches_numpy(execution):
-    """`correction` (batch renorm): `gamma (x_hat r + d) + beta` with `r`, `d` constants per
-    ghost batch; the input gradient is standardization's with scale `gamma r`, and gamma's
-    gradient goes through both `r` and `d`."""
+def test_standardize_with_renorm_statistics_matches_numpy(execution):
+    """Batch renorm through `standardize_with`: `gamma (x_hat r + d) + beta` with `r`, `d`
+    constants per ghost batch; the input gradient is standardization's with scale `gamma r`,
+    and gamma's gradient goes through both `r` and `d`."""
     rng = np.random.default_rng(6)
     x = rng.normal(3.0, 2.0, (3, 4, 5, 2)).astype("float32")
     gamma = rng.uniform(0.5, 1.5, (1, 1, 1, 2)).astype("float32")
@@ -173,8 +177,7 @@ def test_standardize_with_correction_matches_numpy(execution):
     def step():
         with tf.GradientTape() as tape:
             tape.watch([xt, gt, bt])
-            y, _ = stats.standardize(xt, [1, 2], 1e-3, gt, bt,
-                                     correction=_renorm_style_correction)
+            y, _ = stats.standardize_with(xt, [1, 2], 1e-3, _renorm_style_statistics, gt, bt)
             loss = tf.reduce_sum(y * dy)
         return y, tape.gradient(loss, [xt, gt, bt])
 
@@ -192,12 +195,6 @@ def test_standardize_with_correction_matches_numpy(execution):
     np.testing.assert_allclose(d_gamma, (dy * (x_hat * r + d)).sum((0, 1, 2), keepdims=True),
                                atol=1e-4)
     np.testing.assert_allclose(d_beta, dy.sum((0, 1, 2), keepdims=True), atol=1e-4)
-
-
-def test_standardize_correction_needs_centring():
-    with pytest.raises(ValueError, match="standardize: `correction` needs center=True"):
-        stats.standardize(tf.ones((4, 2)), [0], 1e-3, center=False,
-                          correction=_renorm_style_correction)
 
 
 def test_set_xla_kernels_rejects_non_bool():

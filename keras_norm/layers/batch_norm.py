@@ -240,9 +240,8 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             # Batch statistics the fused kernel does not cover (renorm, synchronized, other
             # layouts and ranks, float64): a closed-form gradient instead of differentiating
             # the composed moments.
-            outputs, moments = stats.standardize(x, self._reduction_axes, self.epsilon, gamma,
-                                                 beta, self.synchronized,
-                                                 correction=self._correction(training))
+            outputs, moments = self._standardize(x, self._reduction_axes, gamma, beta, training,
+                                                 self.synchronized)
             if self._is_training(training):
                 self._update_statistics(moments.mean, moments.variance,
                                         tf.reduce_sum(moments.count) > 0, after=outputs)
@@ -294,15 +293,18 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             )
         return tf.expand_dims(tf.cast(mask, x.dtype), self._axis)
 
-    def _correction(self, training):
-        """The renorm correction for `stats.standardize` when it applies, else `None`."""
-        return self._renorm_correction if self.renorm and self._is_training(training) else None
+    def _standardize(self, x, axes, gamma, beta, training, synchronized=False):
+        """Unmasked batch statistics through the closed-form steps of `stats`, with the renorm
+        correction when training."""
+        if self.renorm and self._is_training(training):
+            return stats.standardize_with(x, axes, self.epsilon, self._renormalized_statistics,
+                                          gamma, beta, synchronized)
+        return stats.standardize(x, axes, self.epsilon, gamma, beta, synchronized)
 
     def _normalize_with(self, x, mean, variance, gamma, beta, training):
         """Normalizes with batch statistics, applying the renorm correction when training."""
         if self.renorm and self._is_training(training):
-            r, d = self._renorm_correction(mean, variance)
-            gamma, beta = self._compose_renorm(r, d, gamma, beta)
+            mean, variance = self._renormalized_statistics(mean, variance)
         return stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
 
     def _normalize_ghost(self, x, mask, gamma, beta, training):
@@ -326,9 +328,8 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         shape = [1] + self._param_shape
         gamma = None if gamma is None else tf.reshape(gamma, shape)
         beta = None if beta is None else tf.reshape(beta, shape)
-        outputs, moments = stats.standardize(grouped, [a + 1 for a in self._reduction_axes],
-                                             self.epsilon, gamma, beta,
-                                             correction=self._correction(training))
+        outputs, moments = self._standardize(grouped, [a + 1 for a in self._reduction_axes],
+                                             gamma, beta, training)
         if training:
             batch_mean, batch_variance, count = stats.combine_groups(moments)
             self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0,
@@ -370,20 +371,21 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             d = tf.clip_by_value(d, -self._clipping["dmax"], self._clipping["dmax"])
         return tf.stop_gradient(r), tf.stop_gradient(d)
 
-    @staticmethod
-    def _compose_renorm(r, d, gamma, beta):
-        """`gamma * (x_hat * r + d) + beta` as a single scale and offset."""
-        if gamma is None:
-            return r, d if beta is None else d + beta
-        offset = d * gamma
-        return r * gamma, offset if beta is None else offset + beta
+    def _renormalized_statistics(self, mean, variance):
+        """Batch Renormalization as statistics to normalize by: with the constant `(r, d)` of
+        `_renorm_correction`, `x_hat r + d = (x - M) / s` for `s = sqrt(var + eps) / r` and
+        `M = mean - d s`. Returns `(M, s^2 - eps)`; gradients pass through `mean` and
+        `variance` as in `gamma (x_hat r + d) + beta`."""
+        r, d = self._renorm_correction(mean, variance)
+        scale = tf.sqrt(variance + self.epsilon) / r
+        return mean - d * scale, tf.square(scale) - self.epsilon
 
     # ------------------------------------------------------------------ moving statistics
     def _update_statistics(self, mean, variance, has_values, after=None):
         """Moves the population statistics towards the batch's (skipped for an empty batch).
 
         `after`: the outputs, when they were computed from the renorm statistics inside
-        `stats.standardize`'s custom gradient and its XLA kernels. The update then waits for
+        `stats.standardize_with`'s custom gradient and its XLA kernels. The update then waits for
         them: in a traced ghost-batch step, automatic control dependencies alone let the
         correction see the updated statistics in some runs (found by the reference test).
         """

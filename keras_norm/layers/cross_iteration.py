@@ -319,6 +319,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             recorded = (tape, (product, product_probe), (kernel_compute, probe))
         else:
             product = self._linear(x, kernel_compute)
+            recorded = None
         z = tf.cast(product, statistics_dtype)
         mask = self._expand_mask(mask, z)
 
@@ -329,8 +330,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             outputs = stats.normalize(z + bias, mean, variance, self.epsilon, gamma, beta)
         elif mask is None:
             outputs, moments = self._normalize_unmasked(z, bias, gamma, beta, kernel, windowed)
-            self._update_state(moments, recorded if windowed else None, z, mask, kernel, bias,
-                               training, after=outputs)
+            self._update_state(moments, recorded, z, mask, kernel, bias, training, after=outputs)
         else:
             moments = stats.batch_moments(z, self._reduction_axes, mask, self.synchronized)
             pooled_mean, pooled_variance = moments.mean, moments.variance
@@ -339,8 +339,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
                                                           kernel)
             outputs = stats.normalize(z + bias, pooled_mean + bias, pooled_variance,
                                       self.epsilon, gamma, beta)
-            self._update_state(moments, recorded if windowed else None, z, mask, kernel, bias,
-                               training, after=outputs)
+            self._update_state(moments, recorded, z, mask, kernel, bias, training, after=outputs)
         if self.layer.activation is not None:
             outputs = self.layer.activation(outputs)
         return tf.cast(outputs, self.compute_dtype)

@@ -351,9 +351,7 @@ def _evonorm_b0(x, v, gamma, beta, moving_variance, *, spatial_axes, epsilon, sy
         count = tf.broadcast_to(batch.count, tf.shape(batch.mean))
         return (outputs, count, batch.mean, batch.m2), backward
 
-    outputs, count, mean, m2 = forward(x, v, gamma, beta)
-    moments = stats.Moments(*(tf.stop_gradient(t) for t in (count, mean, m2)))
-    return outputs, moments
+    return stats.outputs_and_moments(*forward(x, v, gamma, beta))
 
 
 @stats.kernel

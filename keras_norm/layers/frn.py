@@ -175,9 +175,7 @@ def _frn_tlu(x, gamma, beta, tau, *, axes, epsilon):
         dx = gamma r (dz - x r^2 mean(dz x)),   dgamma = sum dz x r,   dbeta = sum dz
         dtau = sum dy (1 - A)
     """
-    rank = len(x.shape)
-    gamma = tf.ones([1] * rank, x.dtype) if gamma is None else gamma
-    beta = tf.zeros([1] * rank, x.dtype) if beta is None else beta
+    gamma, beta = stats.affine_or_identity(x, gamma, beta)
 
     @tf.custom_gradient
     def forward(x, gamma, beta, tau):
