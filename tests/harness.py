@@ -19,6 +19,10 @@ A reference is any object built from the layer's initial weights (a dict of NumP
 weight name, e.g. "gamma", "moving_mean") with methods `train(x) -> y`, `infer(x) -> y` and
 `state() -> {weight name: expected value}`; it may add `input_gradient(x, dy) -> dx` (the
 gradient of `sum(y * dy)` in training mode, without advancing its state).
+
+A case with a `mask_fn` runs every check with a Keras mask: the layer gets `mask=`, the
+reference's `train`, `infer`, `input_gradient` and `weight_gradients` get the same mask as a
+third (or second) argument, and `check_distributed` splits it over the replicas with the batch.
 """
 
 import dataclasses
@@ -47,6 +51,9 @@ class LayerCase:
         output_shape_fn: `input shape -> output shape`, for layers that change the shape (e.g.
             a wrapped convolution); the upstream gradients `dy` get that shape. Defaults to the
             input shape.
+        mask_fn: `(rng, input shape) -> boolean mask` in Keras's layout (the input's shape
+            without its last axis, size-1 axes allowed except the batch axis), or None for
+            unmasked checks.
     """
 
     factory: Callable[[], keras.layers.Layer]
@@ -58,6 +65,7 @@ class LayerCase:
     input_fn: Optional[Callable] = None
     batch_dependent: bool = True
     output_shape_fn: Optional[Callable] = None
+    mask_fn: Optional[Callable] = None
 
     def output_shape(self, input_shape):
         if self.output_shape_fn is None:
@@ -70,6 +78,23 @@ class LayerCase:
         if self.input_fn is not None:
             return np.asarray(self.input_fn(rng, shape), dtype="float32")
         return rng.normal(1.5, 2.0, size=shape).astype("float32")
+
+    def mask(self, seed, shape=None):
+        """The mask for `inputs(seed, shape)`, or None for an unmasked case."""
+        if self.mask_fn is None:
+            return None
+        rng = np.random.default_rng(seed + 5000)
+        return np.asarray(self.mask_fn(rng, tuple(shape or self.input_shape)), bool)
+
+
+def masked(mask):
+    """Extra call arguments for a reference method: `(mask,)`, or none without a mask."""
+    return () if mask is None else (mask,)
+
+
+def mask_kwargs(mask):
+    """Extra layer call arguments: `{"mask": tensor}`, or none without a mask."""
+    return {} if mask is None else {"mask": tf.constant(mask)}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -141,51 +166,53 @@ def _check_reference(case, seed, execution):
     wants_weight_gradients = hasattr(reference, "weight_gradients")
     trainable = {weight_name(w): w for w in layer.trainable_weights}
 
-    def train(x, dy):
+    def train(x, dy, call_kwargs):
         if not wants_gradient:
-            return layer(x, training=True), tf.zeros([]), {}
+            return layer(x, training=True, **call_kwargs), tf.zeros([]), {}
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, training=True)
+            y = layer(x, training=True, **call_kwargs)
             loss = tf.reduce_sum(y * dy)
         dx, d_weights = tape.gradient(loss, (x, trainable))
         return y, dx, d_weights
 
-    def infer(x):
-        return layer(x, training=False)
+    def infer(x, call_kwargs):
+        return layer(x, training=False, **call_kwargs)
 
     if execution == "graph":
         train, infer = tf.function(train), tf.function(infer)
     where = f"({execution})"
     for step in range(case.steps):
-        x = case.inputs(seed + step)
+        x, mask = case.inputs(seed + step), case.mask(seed + step)
         dy = np.zeros([], "float32")
         if wants_gradient:
             dy = np.random.default_rng(seed + 77 + step).normal(
                 size=case.output_shape(x.shape)).astype("float32")
-        y, dx, d_weights = train(tf.constant(x), tf.constant(dy))
+        y, dx, d_weights = train(tf.constant(x), tf.constant(dy), mask_kwargs(mask))
         if wants_gradient:
-            assert_close(dx, reference.input_gradient(x, dy), case,
+            assert_close(dx, reference.input_gradient(x, dy, *masked(mask)), case,
                          f"input gradient, step {step} {where}")
         if wants_gradient and wants_weight_gradients:
-            expected = reference.weight_gradients(x, dy)
+            expected = reference.weight_gradients(x, dy, *masked(mask))
             assert set(expected) == set(d_weights), (sorted(expected), sorted(d_weights))
             for name, value in expected.items():
                 assert_close(d_weights[name], value, case,
                              f"gradient of {name!r}, step {step} {where}")
-        assert_close(y, reference.train(x), case, f"training output, step {step} {where}")
+        assert_close(y, reference.train(x, *masked(mask)), case,
+                     f"training output, step {step} {where}")
         assert_state_equal(layer, reference.state(), case, f"state after step {step} {where}")
-    x = case.inputs(seed + 99)
-    assert_close(infer(tf.constant(x)), reference.infer(x), case, f"inference output {where}")
+    x, mask = case.inputs(seed + 99), case.mask(seed + 99)
+    assert_close(infer(tf.constant(x), mask_kwargs(mask)), reference.infer(x, *masked(mask)),
+                 case, f"inference output {where}")
     assert_state_equal(layer, reference.state(), case, f"state after inference {where}")
 
 
-def _run_steps(layer, inputs, training, jit):
-    def step(x):
-        return layer(x, training=training)
+def _run_steps(layer, inputs, masks, training, jit):
+    def step(x, call_kwargs):
+        return layer(x, training=training, **call_kwargs)
 
     fn = tf.function(step, jit_compile=True) if jit else step
-    return [np.array(fn(tf.constant(x))) for x in inputs]
+    return [np.array(fn(tf.constant(x), mask_kwargs(m))) for x, m in zip(inputs, masks)]
 
 
 def check_jit(case, seed=0):
@@ -193,9 +220,10 @@ def check_jit(case, seed=0):
     eager = build_randomized(case, seed)
     compiled = clone_layer(case, eager)
     inputs = [case.inputs(seed + i) for i in range(case.steps)]
+    masks = [case.mask(seed + i) for i in range(case.steps)]
     for training in (True, False):
-        expected = _run_steps(eager, inputs, training, jit=False)
-        actual = _run_steps(compiled, inputs, training, jit=True)
+        expected = _run_steps(eager, inputs, masks, training, jit=False)
+        actual = _run_steps(compiled, inputs, masks, training, jit=True)
         for i, (a, e) in enumerate(zip(actual, expected)):
             assert_close(a, e, case, f"jit vs eager output, training={training}, step {i}")
         assert_state_equal(compiled, weights_by_name(eager), case, f"jit state, {training=}")
@@ -256,10 +284,11 @@ def check_mixed_precision(case, seed=0):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def gradient_step(layer, x, dy, training):
+def gradient_step(layer, x, dy, training, mask=None):
+    call_kwargs = {} if mask is None else {"mask": mask}
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x, training=training)
+        y = layer(x, training=training, **call_kwargs)
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
     grads = tape.gradient(loss, [x] + list(layer.trainable_variables))
     return y, grads[0], grads[1:]
@@ -281,21 +310,24 @@ def check_distributed(case, strategy, seed=0, training=True):
     assert case.input_shape[0] % replicas == 0, "global batch must split evenly"
 
     @tf.function
-    def replica_step(x, dy):
-        return gradient_step(distributed, x, dy, training)
+    def replica_step(x, dy, mask=None):
+        return gradient_step(distributed, x, dy, training, mask)
+
+    def per_replica(parts):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group]))
 
     for step in range(case.steps):
-        x = case.inputs(seed + step)
+        x, mask = case.inputs(seed + step), case.mask(seed + step)
         dy_shape = case.output_shape(x.shape)
         dy = np.random.default_rng(seed + 50 + step).normal(size=dy_shape).astype("float32")
-        y, dx, dw = gradient_step(single, tf.constant(x), tf.constant(dy), training)
+        y, dx, dw = gradient_step(single, tf.constant(x), tf.constant(dy), training,
+                                  None if mask is None else tf.constant(mask))
 
-        xs, dys = np.split(x, replicas), np.split(dy, replicas)
-        per_x = strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(xs[ctx.replica_id_in_sync_group]))
-        per_dy = strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(dys[ctx.replica_id_in_sync_group]))
-        ry, rdx, rdw = strategy.run(replica_step, args=(per_x, per_dy))
+        args = (per_replica(np.split(x, replicas)), per_replica(np.split(dy, replicas)))
+        if mask is not None:
+            args += (per_replica(np.split(mask, replicas)),)
+        ry, rdx, rdw = strategy.run(replica_step, args=args)
         local = strategy.experimental_local_results
         assert_close(np.concatenate(local(ry)), y, case, f"distributed output, step {step}")
         assert_close(np.concatenate(local(rdx)), dx, case, f"distributed input grad, step {step}")

@@ -1,5 +1,6 @@
 """keras_norm.BatchNormalization against NumPy, against Keras, and under tf.distribute."""
 
+import inspect
 import os
 
 import harness
@@ -10,6 +11,13 @@ import tensorflow as tf
 from references.batch_norm import BatchNormReference
 
 from keras_norm.layers import BatchNormalization
+
+# keras.layers.BatchNormalization has batch renormalization since Keras 3.14; on the older
+# Keras keras_norm supports there is none to compare with (the NumPy reference still checks
+# ours there).
+needs_keras_renorm = pytest.mark.skipif(
+    "renorm" not in inspect.signature(keras.layers.BatchNormalization).parameters,
+    reason=f"keras {keras.__version__}: BatchNormalization has renorm from Keras 3.14 on")
 
 # name -> (layer kwargs, input shape). Momentum 0.5 makes every update visible in 3 steps.
 CONFIGS = {
@@ -31,19 +39,118 @@ REFERENCE_KEYS = ("axis", "momentum", "epsilon", "virtual_batch_size", "renorm",
                   "renorm_clipping", "renorm_momentum", "inference_statistics")
 
 
+def keras_layout_mask(rng, shape):
+    """A random mask in Keras's layout: the input's shape without its last axis (whatever the
+    channel axis), about 70% valid."""
+    return rng.random(shape[:-1]) > 0.3
+
+
+def broadcast_mask(rng, shape):
+    """Keras's layout with a size-1 axis (as Keras's own test_masked_broadcast_normalization)."""
+    return rng.random(shape[:-2] + (1,)) > 0.3
+
+
+# name -> (layer kwargs, input shape, mask function). Every channel axis x mask layout: with
+# the channels last the mask flags positions; with the channels not last Keras's mask (the
+# input's shape without its last axis) covers the channel axis and flags channels.
+MASKED_CONFIGS = {
+    "masked_last": (dict(momentum=0.5), (8, 5, 3), keras_layout_mask),
+    "masked_dense": (dict(momentum=0.5), (8, 5), keras_layout_mask),
+    "masked_last_4d": (dict(momentum=0.5), (8, 4, 3, 2), keras_layout_mask),
+    "masked_last_broadcast": (dict(momentum=0.5), (8, 4, 3, 2), broadcast_mask),
+    "masked_axis1": (dict(axis=1, momentum=0.5), (8, 3, 5), keras_layout_mask),
+    "masked_axis1_4d": (dict(axis=1, momentum=0.5), (8, 3, 4, 2), keras_layout_mask),
+    "masked_axis2_4d": (dict(axis=2, momentum=0.5), (8, 4, 3, 2), keras_layout_mask),
+    "masked_axis1_broadcast": (dict(axis=1, momentum=0.5), (8, 3, 4, 2), broadcast_mask),
+    "masked_ghost_last": (dict(momentum=0.5, virtual_batch_size=4), (8, 5, 3),
+                          keras_layout_mask),
+    "masked_ghost_axis1": (dict(axis=1, momentum=0.5, virtual_batch_size=3), (8, 3, 5),
+                           keras_layout_mask),
+    "masked_renorm_axis1": (dict(axis=1, momentum=0.5, renorm=True, renorm_momentum=0.6),
+                            (8, 3, 5), keras_layout_mask),
+    "masked_batch_inference_axis1": (dict(axis=1, momentum=0.5, inference_statistics="batch"),
+                                     (8, 3, 4, 2), keras_layout_mask),
+}
+
+
 def make_case(name):
-    kwargs, shape = CONFIGS[name]
+    if name in MASKED_CONFIGS:
+        kwargs, shape, mask_fn = MASKED_CONFIGS[name]
+    else:
+        (kwargs, shape), mask_fn = CONFIGS[name], None
     ref_kwargs = {k: v for k, v in kwargs.items() if k in REFERENCE_KEYS}
     return harness.LayerCase(
         factory=lambda: BatchNormalization(**kwargs),
         input_shape=shape,
         reference=lambda weights: BatchNormReference(weights, **ref_kwargs),
+        mask_fn=mask_fn,
     )
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CONFIGS) + sorted(MASKED_CONFIGS))
 def test_matches_numpy_reference(name):
     harness.check_reference(make_case(name))
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_CONFIGS))
+def test_masked_jit_equals_eager(name):
+    harness.check_jit(make_case(name))
+
+
+@pytest.mark.parametrize("name", ["masked_last", "masked_axis1", "masked_axis2_4d",
+                                  "masked_axis1_broadcast", "masked_renorm_axis1"])
+def test_masked_synchronized_equals_one_device(name, mirrored_strategy):
+    kwargs, _, _ = MASKED_CONFIGS[name]
+    case = make_case(name)
+    case.factory = lambda: BatchNormalization(**{**kwargs, "synchronized": True})
+    harness.check_distributed(case, mirrored_strategy)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[needs_keras_renorm] if "renorm" in n else [])
+    for n in sorted(MASKED_CONFIGS) if "ghost" not in n])
+def test_masked_layouts_match_keras(name):
+    """Keras's own layer on the same masks: outputs (training and inference) and moving
+    statistics agree for every channel axis (Keras adds 1e-7 to the counts)."""
+    kwargs, shape, mask_fn = MASKED_CONFIGS[name]
+    kwargs = {k: v for k, v in kwargs.items() if k != "inference_statistics"}
+    ours, theirs = BatchNormalization(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        x = rng.normal(1.5, 2.0, shape).astype("float32")
+        mask = mask_fn(rng, shape)
+        np.testing.assert_allclose(ours(x, training=True, mask=mask),
+                                   theirs(x, training=True, mask=mask), atol=1e-4, rtol=1e-4,
+                                   err_msg=f"training output, step {step}")
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4, rtol=1e-4, err_msg=a.path)
+    np.testing.assert_allclose(ours(x, mask=mask), theirs(x, mask=mask), atol=1e-4, rtol=1e-4)
+
+
+def test_mask_in_another_layout_is_a_clear_error():
+    """A mask laid out as the input's shape without the channel axis ((N, L) for (N, C, L))
+    is not Keras's layout: a ValueError naming the layer, not a broadcast failure."""
+    layer = BatchNormalization(axis=1, name="bn_layout")
+    with pytest.raises(ValueError, match=r"'bn_layout'.*mask's axis 1 has size 5 but the "
+                                         r"input's has 3.*without its LAST axis"):
+        layer(np.ones((4, 3, 5), "float32"), training=True, mask=np.ones((4, 5), bool))
+
+
+def test_keras_masking_layer_on_channels_first_input():
+    """Issue #15's case: keras.layers.Masking before a channels-first BN (mask (5, 2) for an
+    input (5, 2, 3), channel axis 1) raised a BroadcastTo shape error; it now equals Keras."""
+    x = np.random.default_rng(4).normal(5.0, 10.0, (5, 2, 3)).astype("float32")
+    x[:, 1, :] = 0.0
+    masked = keras.layers.Masking()(x)
+    ours = BatchNormalization(axis=1, momentum=0.0)
+    theirs = keras.layers.BatchNormalization(axis=1, momentum=0.0)
+    np.testing.assert_allclose(ours(masked, training=True), theirs(masked, training=True),
+                               atol=1e-4)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), theirs.moving_mean.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ours.moving_variance.numpy(), theirs.moving_variance.numpy(),
+                               atol=1e-4)
+    # Channel 1 is masked out for every example: mean and variance 0, as in Keras.
+    np.testing.assert_allclose(ours.moving_variance.numpy()[1], 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["default", "channels_first", "dense", "ghost",
@@ -89,7 +196,8 @@ def test_unsynchronized_replicas_differ_from_one_device(mirrored_strategy):
     {},
     {"axis": 1, "momentum": 0.9, "epsilon": 1e-5},
     {"center": False},
-    {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}},
+    pytest.param({"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}},
+                 marks=needs_keras_renorm),
 ])
 def test_same_weights_and_outputs_as_keras(kwargs):
     x = np.random.default_rng(0).normal(2, 3, (8, 3, 5, 5)).astype("float32")
@@ -126,6 +234,7 @@ def test_masked_statistics_match_keras_and_reference():
                                atol=1e-5)
 
 
+@needs_keras_renorm
 def test_keras_weights_load_unchanged(tmp_path):
     def model(norm):
         return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Conv2D(2, 3), norm])
@@ -344,11 +453,13 @@ def test_export_serves_same_outputs(tmp_path):
     ({"axis": True}, TypeError, r"`axis` must be an integer.*Received: axis=True"),
     ({"axis": [1, 2]}, TypeError, r"Received: axis=\[1, 2\]"),
     ({"renorm": True, "renorm_clipping": {"rmax": 1, "bad": 2}}, ValueError,
-     r"unknown keys \['bad'\]"),
+     r"Received invalid keys for `renorm_clipping` argument: \['bad'\]"),
     ({"renorm": True, "renorm_clipping": {"rmax": 1.0, "rmin": 2.0}}, ValueError,
-     r"rmax >= rmin. Received: rmax=1.0, rmin=2.0"),
+     r"rmax should be greater than rmin .*Received: rmax=1.0, rmin=2.0"),
     ({"renorm": True, "renorm_clipping": {"dmax": -1}}, ValueError,
-     r"renorm_clipping\['dmax'\]` must be in \[0.0, inf\]"),
+     r"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax=-1.0"),
+    ({"renorm": True, "renorm_clipping": {"rmin": "a"}}, TypeError,
+     r"renorm_clipping\['rmin'\]` must be a number"),
     ({"renorm_clipping": {"rmax": 2.0}}, ValueError, r"only used with renorm=True"),
     ({"virtual_batch_size": 0}, ValueError, r"`virtual_batch_size` must be >= 1. "
                                             r"Received: virtual_batch_size=0"),
@@ -370,7 +481,8 @@ def test_axis_out_of_range_names_layer_and_shape():
 
 
 def test_mask_rank_error():
-    with pytest.raises(ValueError, match=r"one dimension less.*mask.shape=\(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"The mask provided should be one dimension less "
+                                         r"than the inputs.*mask.shape=\(2, 3, 4\)"):
         BatchNormalization()(np.ones((2, 3, 4), "float32"), training=True,
                              mask=np.ones((2, 3, 4), bool))
 

@@ -604,8 +604,25 @@ def test_quantized_dense_is_rejected():
 
 def test_mask_rank_error():
     layer = make_layer("dense_sequence")
-    with pytest.raises(ValueError, match=r"one dimension less.*mask.shape=\(4, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"The mask provided should be one dimension less "
+                                         r"than the inputs.*mask.shape=\(4, 3, 4\)"):
         layer(np.ones((4, 3, 6), "float32"), training=True, mask=np.ones((4, 3, 4), bool))
+
+
+def test_channels_first_mask_must_not_flag_channels():
+    """Keras's mask layout (the output's shape without its last axis) flags channels when they
+    are not last; the kernel derivatives cannot take per-channel counts, so that is rejected.
+    (Checked on the mask expansion itself: CPU convolutions do not run channels first.)"""
+    layer = CrossIterationBatchNormalization(
+        keras.layers.Conv1D(4, 3, data_format="channels_first"), name="cbn_cf")
+    layer.build((4, 3, 8))
+    output = tf.zeros((4, 4, 6))
+    with pytest.raises(ValueError, match=r"'cbn_cf'.*must not vary along the channel axis 1.*"
+                                         r"mask.shape=\(4, 4\)"):
+        layer._expand_mask(tf.ones((4, 4), tf.bool), output)
+    expanded = layer._expand_mask(tf.constant([[True], [False], [True], [True]]), output)
+    assert tuple(expanded.shape) == (4, 1, 1)
+    np.testing.assert_array_equal(expanded.numpy().ravel(), [1.0, 0.0, 1.0, 1.0])
 
 
 def test_import_does_not_change_backend():

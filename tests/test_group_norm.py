@@ -305,18 +305,32 @@ def test_feature_axis_mask_changes_nothing():
 
 
 MASKED = [
-    # (layer factory, reference, input shape, mask shape)
+    # (layer factory, reference, input shape, mask shape). Keras's layout: the mask covers the
+    # input's leading axes (rank ndim - 1: all but the last) and is broadcast over the rest.
     (lambda: GroupNormalization(groups=2), GroupNormReference({}, groups=2), (3, 6, 4), (3, 6)),
+    # Channels first: the (N, C) mask flags channels (broadcast over the last axis), and the
+    # flagged channels leave their group's statistics.
     (lambda: GroupNormalization(groups=2, axis=1), GroupNormReference({}, groups=2, axis=1),
-     (3, 4, 6), (3, 6)),
+     (3, 4, 6), (3, 4)),
+    (lambda: GroupNormalization(groups=2, axis=1), GroupNormReference({}, groups=2, axis=1),
+     (3, 4, 5, 2), (3, 4, 5)),
+    (lambda: GroupNormalization(groups=2, axis=2), GroupNormReference({}, groups=2, axis=2),
+     (3, 5, 4, 2), (3, 5, 4)),
+    (lambda: GroupNormalization(groups=2, axis=1), GroupNormReference({}, groups=2, axis=1),
+     (3, 4, 6), (3,)),  # a (batch,) prefix: fully masked examples only
     (lambda: GroupNormalization(groups=2), GroupNormReference({}, groups=2), (3, 4, 3, 4),
      (3, 4)),  # a (batch, time) prefix of a (batch, time, width, channels) input
     (lambda: InstanceNormalization(), GroupNormReference({}, groups=-1), (3, 4, 3, 2),
      (3, 4, 3)),
+    (lambda: InstanceNormalization(axis=1), GroupNormReference({}, groups=-1, axis=1),
+     (3, 2, 4, 3), (3, 2, 4)),
     (lambda: LayerNormalization(axis=[1, 2]), LayerNormReference({}, axis=[1, 2]), (3, 6, 4),
      (3, 6)),
+    (lambda: LayerNormalization(axis=1), LayerNormReference({}, axis=1), (3, 6, 4), (3, 6)),
     (lambda: RMSNormalization(axis=[1, 2]), RMSNormReference({"scale": 1.0}, axis=[1, 2]),
      (3, 6, 4), (3, 6)),
+    (lambda: RMSNormalization(axis=1), RMSNormReference({"scale": 1.0}, axis=1), (3, 6, 4),
+     (3, 6)),
 ]
 
 
@@ -364,15 +378,16 @@ def test_group_norm_ignores_padding_values():
      r"InstanceNormalization: argument `groups` is not accepted.*Received: groups=4"),
     (InstanceNormalization, dict(scale=1), TypeError, r"`scale` must be a bool"),
     (LayerNormalization, dict(axis=True), TypeError,
-     r"LayerNormalization: argument `axis` must be an int.*Received: axis=True"),
-    (LayerNormalization, dict(axis=[1, True]), TypeError, r"non-empty list of ints"),
-    (LayerNormalization, dict(axis=[]), TypeError, r"non-empty list of ints"),
+     r"LayerNormalization: Expected an int or a list/tuple of ints for the argument 'axis'"
+     r".*Received: axis=True"),
+    (LayerNormalization, dict(axis=[1, True]), TypeError, r"a non-empty one, without bools"),
+    (LayerNormalization, dict(axis=[]), TypeError, r"a non-empty one, without bools"),
     (LayerNormalization, dict(axis=1.0), TypeError, r"Received: axis=1\.0"),
     (LayerNormalization, dict(rms_scaling="yes"), TypeError,
      r"argument `rms_scaling` must be a bool"),
     (LayerNormalization, dict(epsilon=-1e-3), ValueError, r"`epsilon` must be in"),
     (RMSNormalization, dict(axis="last"), TypeError,
-     r"RMSNormalization: argument `axis` must be an int"),
+     r"RMSNormalization: Expected an int or a list/tuple of ints for the argument 'axis'"),
     (RMSNormalization, dict(epsilon=0), ValueError,
      r"RMSNormalization: argument `epsilon` must be in .*Received: epsilon=0"),
     (RMSNormalization, dict(epsilon=True), TypeError, r"`epsilon` must be a number"),
@@ -384,13 +399,15 @@ def test_constructor_errors(cls, kwargs, error, match):
 
 @pytest.mark.parametrize("layer, shape, match", [
     (lambda: GroupNormalization(groups=4), (2, 5, 6),
-     r"the number of channels \(6\) must be divisible by groups \(4\)\. Received: groups=4"),
+     r"the number of channels \(6\) must be divisible by groups \(4\) .*must be a multiple of "
+     r"the number of channels \(6\)\"\)\. Received: groups=4"),
     (lambda: GroupNormalization(groups=8), (2, 5, 6),
-     r"the number of channels \(6\) must be divisible by groups \(8\)"),
+     r"Number of groups \(8\) cannot be more than the number of channels \(6\): the number of "
+     r"channels \(6\) must be divisible by groups \(8\)"),
     (lambda: GroupNormalization(), (2, 5, 48),
      r"the number of channels \(48\) must be divisible by groups \(32\)"),
     (lambda: GroupNormalization(groups=2, axis=1), (2, None, 4),
-     r"channel axis 1 of the input must have a known size"),
+     r"Axis 1 of input tensor should have a defined dimension.*\(2, None, 4\)"),
     (lambda: GroupNormalization(groups=2, axis=3), (2, 5, 6), r"axis 3 is out of range"),
     (lambda: GroupNormalization(groups=1), (6,),
      r"axis 0 is the batch axis and cannot be the channel axis"),
@@ -410,13 +427,14 @@ def test_build_errors(layer, shape, match):
 
 @pytest.mark.parametrize("layer, shape, mask_shape", [
     (lambda: GroupNormalization(groups=2), (2, 4, 6), (2, 4, 6, 1)),
-    (lambda: GroupNormalization(groups=2, axis=1), (2, 4, 3, 6), (2, 4)),  # reaches channels
+    (lambda: GroupNormalization(groups=2, axis=1), (2, 4, 3, 6), (2, 4, 3, 6)),
+    (lambda: GroupNormalization(groups=2), (2, 4, 6), ()),
     (lambda: LayerNormalization(), (2, 4, 6), (2, 4, 6, 1)),
     (lambda: RMSNormalization(axis=1), (2, 4, 6), (2, 4, 6)),
 ])
 def test_mask_shape_errors(layer, shape, mask_shape):
-    with pytest.raises(ValueError, match=r"the mask must have the input's shape without the "
-                                         r"channel axis.*Received: mask.shape="):
+    with pytest.raises(ValueError, match=r"The mask provided should be one dimension less "
+                                         r"than the inputs, or a prefix.*Received: mask.shape="):
         layer()(np.zeros(shape, "float32"), mask=np.ones(mask_shape, bool))
 
 

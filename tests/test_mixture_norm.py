@@ -266,28 +266,98 @@ def test_constant_inputs_stay_finite():
     assert np.all(np.isfinite(layer.moving_variance.numpy()))
 
 
-@pytest.mark.parametrize("mixture_axes, axis",
-                         [("channels", -1), ("per_channel", -1), ("channels", 1)])
-def test_masked_values_do_not_enter_the_fit(mixture_axes, axis):
+# (mixture_axes, num_components, axis, input shape). Keras's mask layout: the input's shape
+# without its last axis, broadcast over the last axis. With axis=1 on (N, C, L) the (N, C) mask
+# flags channels (per value: per-channel mixtures and K = 1); with axis=1 on (N, C, H, W) an
+# (N, C, 1) mask does not vary along the channels and flags samples.
+MASK_LAYOUTS = [
+    ("channels", 3, -1, (6, 8, 3)),
+    ("per_channel", 3, -1, (6, 8, 3)),
+    ("channels", 3, 1, (6, 3, 4, 2)),   # an (N, C, H) mask of size 1 on the channel axis
+    ("per_channel", 3, 1, (6, 3, 8)),   # an (N, C) mask flags (example, channel) pairs
+    ("per_channel", 3, 1, (6, 3, 4, 2)),
+    ("channels", 1, 1, (6, 3, 8)),       # K = 1: batch norm's code, per value
+]
+
+
+def _layout_mask(rng, shape, axis, mixture_axes, num_components):
+    mask = rng.random(shape[:-1]) > 0.3
+    if axis != -1 and mixture_axes == "channels" and num_components > 1:
+        mask = mask[:, :1]  # size 1 on the channel axis: it flags samples
+    return mask
+
+
+@pytest.mark.parametrize("mixture_axes, num_components, axis, shape", MASK_LAYOUTS)
+def test_masked_values_do_not_enter_the_fit(mixture_axes, num_components, axis, shape):
     rng = np.random.default_rng(6)
-    shape = (6, 8, 3) if axis == -1 else (6, 3, 8)
     x = clustered(axis)(rng, shape).astype("float32")
-    mask = rng.random((6, 8)) > 0.3
-    kwargs = dict(momentum=0.5, mixture_axes=mixture_axes, axis=axis)
+    mask = _layout_mask(rng, shape, axis, mixture_axes, num_components)
+    kwargs = dict(momentum=0.5, mixture_axes=mixture_axes, axis=axis,
+                  num_components=num_components)
     layer = MixtureNormalization(**kwargs)
     reference = MixtureNormReference(harness.weights_by_name(_built(layer, x.shape)), **kwargs)
-    for step in range(2):
+    jitted = tf.function(lambda v, m: layer(v, training=True, mask=m), jit_compile=True)
+    for step in range(3):
         xs = x * (1 + step)
-        np.testing.assert_allclose(layer(xs, training=True, mask=mask),
-                                   reference.train(xs, mask), atol=2e-4, rtol=2e-4)
+        call = jitted if step == 2 else (lambda v, m: layer(v, training=True, mask=m))
+        np.testing.assert_allclose(call(xs, mask), reference.train(xs, mask), atol=2e-4,
+                                   rtol=2e-4)
     for name, value in reference.state().items():
         np.testing.assert_allclose(getattr(layer, name).numpy(), value, atol=2e-4, rtol=2e-4)
-    # Changing the masked-out values changes nothing in the statistics.
+    # Changing the masked-out values changes nothing in the statistics (Keras's layout: the
+    # mask broadcast over the input's last axis).
     other, first = MixtureNormalization(**kwargs), MixtureNormalization(**kwargs)
-    channel_mask = mask[..., None] if axis == -1 else mask[:, None, :]
-    other(np.where(channel_mask, x, 1e3).astype("float32"), training=True, mask=mask)
+    full_mask = np.broadcast_to(mask[..., None], x.shape)
+    other(np.where(full_mask, x, 1e3).astype("float32"), training=True, mask=mask)
     first(x, training=True, mask=mask)
     np.testing.assert_allclose(other.moving_mean.numpy(), first.moving_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(other.moving_variance.numpy(), first.moving_variance.numpy(),
+                               atol=1e-5)
+
+
+def test_masked_synchronized_fit_equals_one_device(mirrored_strategy):
+    """A channel-flagging mask (Keras's layout, channels first) under MirroredStrategy: the
+    synchronized per-channel mixture equals one device on the global batch."""
+    rng = np.random.default_rng(8)
+    shape = (8, 3, 6)
+    x = clustered(1)(rng, shape).astype("float32")
+    mask = rng.random(shape[:-1]) > 0.3
+    kwargs = dict(momentum=0.5, mixture_axes="per_channel", axis=1)
+    single = MixtureNormalization(**kwargs)
+    expected = [single(x, training=True, mask=mask).numpy() for _ in range(2)]
+    with mirrored_strategy.scope():
+        layer = MixtureNormalization(synchronized=True, **kwargs)
+        layer.build(shape)
+    halves = [(x[:4], mask[:4]), (x[4:], mask[4:])]
+
+    @tf.function
+    def step(inputs):
+        def replica(values):
+            index = tf.distribute.get_replica_context().replica_id_in_sync_group
+            v, m = tf.switch_case(index, [lambda h=h: (tf.constant(h[0]), tf.constant(h[1]))
+                                          for h in halves])
+            return layer(v, training=True, mask=m)
+        return mirrored_strategy.run(replica, args=(inputs,))
+
+    for expected_step in expected:
+        outputs = step(tf.constant(0.0))
+        got = np.concatenate([t.numpy() for t in
+                              mirrored_strategy.experimental_local_results(outputs)])
+        np.testing.assert_allclose(got, expected_step, atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), single.moving_mean.numpy(),
+                               atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), single.moving_variance.numpy(),
+                               atol=2e-4, rtol=2e-4)
+
+
+def test_channel_flagging_mask_rejected_by_one_mixture_over_channels():
+    layer = MixtureNormalization(axis=1)
+    with pytest.raises(ValueError, match=r"mixture_axes='channels'.*must not vary along the "
+                                         r"channel axis 1.*mask.shape=\(2, 3\)"):
+        layer(np.ones((2, 3, 4), "float32"), training=True, mask=np.ones((2, 3), bool))
+    # Inference with the moving mixture does not read the mask, as BatchNormalization.
+    y = layer(np.ones((2, 3, 4), "float32"), training=False, mask=np.ones((2, 3), bool))
+    assert y.shape == (2, 3, 4)
 
 
 def test_fully_masked_batch_keeps_moving_statistics():
@@ -566,7 +636,8 @@ def test_unknown_channel_size():
 
 
 def test_mask_rank_error():
-    with pytest.raises(ValueError, match=r"one dimension less.*mask.shape=\(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"The mask provided should be one dimension less "
+                                         r"than the inputs.*mask.shape=\(2, 3, 4\)"):
         MixtureNormalization()(np.ones((2, 3, 4), "float32"), training=True,
                                mask=np.ones((2, 3, 4), bool))
 

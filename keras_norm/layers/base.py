@@ -17,14 +17,35 @@ INFERENCE_STATISTICS = ("moving", "batch")
 
 
 # ----------------------------------------------------------------------------- argument checks
+class ArgumentTypeError(TypeError, ValueError):
+    """A layer argument of the wrong type: both a `TypeError` and a `ValueError`.
+
+    Keras is not consistent about the class: `GroupNormalization(groups=1.5)` raises
+    `ValueError`, `LayerNormalization(axis={})` raises `TypeError`, `BatchNormalization`'s
+    `int(axis)` raises either. Deriving from both (as NumPy's `AxisError` derives from
+    `ValueError` and `IndexError`) means code that catches Keras's class for an argument also
+    catches ours, whichever it is; value errors (right type, bad value) are `ValueError`.
+    """
+
+
+class AxisError(ValueError, IndexError):
+    """An axis out of range for the input: a `ValueError` and an `IndexError`.
+
+    Keras's normalization layers raise `IndexError` for it in `build` (indexing the input
+    shape) and `ValueError` in `compute_output_shape`; like NumPy's `AxisError` (also both),
+    this one is caught by either.
+    """
+
+
 def _received(name, value):
     return f"Received: {name}={value!r}"
 
 
 def check_bool(owner, name, value):
-    """Returns `value` if it is a Python bool, else raises `TypeError`."""
+    """Returns `value` if it is a Python bool, else raises `ArgumentTypeError`."""
     if not isinstance(value, bool):
-        raise TypeError(f"{owner}: argument `{name}` must be a bool. {_received(name, value)}")
+        raise ArgumentTypeError(
+            f"{owner}: argument `{name}` must be a bool. {_received(name, value)}")
     return value
 
 
@@ -33,7 +54,7 @@ def check_int(owner, name, value, minimum=None, allow_none=False):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{owner}: argument `{name}` must be an integer"
             f"{' or None' if allow_none else ''}. {_received(name, value)}"
         )
@@ -47,7 +68,8 @@ def check_int(owner, name, value, minimum=None, allow_none=False):
 def check_float(owner, name, value, low=None, high=None, low_open=False, high_open=False):
     """Returns `value` as float, checking it lies in the interval given (open or closed)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: argument `{name}` must be a number. {_received(name, value)}")
+        raise ArgumentTypeError(
+            f"{owner}: argument `{name}` must be a number. {_received(name, value)}")
     value = float(value)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
@@ -72,27 +94,28 @@ def check_choice(owner, name, value, choices):
     return value
 
 
+def _axis_type_message(owner, axis):
+    # Keras's wording (its own tests match it), then ours.
+    return (f"{owner}: Expected an int or a list/tuple of ints for the argument 'axis' (a "
+            f"non-empty one, without bools). {_received('axis', axis)}")
+
+
 def check_axis_argument(owner, axis):
     """Accepts an int or a non-empty list/tuple of ints (no bools); returns int or tuple."""
     if isinstance(axis, (list, tuple)):
         if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral)
                            for a in axis):
-            raise TypeError(
-                f"{owner}: argument `axis` must be an int or a non-empty list of ints. "
-                f"{_received('axis', axis)}"
-            )
+            raise ArgumentTypeError(_axis_type_message(owner, axis))
         return tuple(int(a) for a in axis)
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(
-            f"{owner}: argument `axis` must be an int or a list of ints. {_received('axis', axis)}"
-        )
+        raise ArgumentTypeError(_axis_type_message(owner, axis))
     return int(axis)
 
 
 def check_channel_axis(owner, axis):
     """Returns the channel axis as an int; it must be a single integer (not a bool or list)."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{owner}: argument `axis` must be an integer (the channel axis). "
             f"Received: axis={axis!r}"
         )
@@ -104,9 +127,11 @@ def channel_axis(owner, axis, input_shape):
     (positive,) = canonical_axes(owner, axis, input_shape)
     channels = input_shape[positive]
     if channels is None:
+        # Keras's wording (its own tests match it).
         raise ValueError(
-            f"{owner}: the channel axis {axis} of the input must have a known size. "
-            f"Received: input_shape={tuple(input_shape)}"
+            f"{owner}: Axis {axis} of input tensor should have a defined dimension but the "
+            f"layer received an input with shape {tuple(input_shape)}: the channel axis {axis} "
+            f"of the input must have a known size. Received: input_shape={tuple(input_shape)}"
         )
     return positive, channels
 
@@ -128,7 +153,7 @@ def canonical_axes(owner, axis, input_shape):
     axes = axis if isinstance(axis, tuple) else (axis,)
     for a in axes:
         if not -ndim <= a < ndim:
-            raise ValueError(
+            raise AxisError(
                 f"{owner}: axis {a} is out of range for an input of rank {ndim} "
                 f"(shape {tuple(input_shape)}). {_received('axis', axis)}"
             )
@@ -144,6 +169,60 @@ def broadcast_shape(ndim, axes, input_shape):
     for a in axes:
         shape[a] = input_shape[a]
     return shape
+
+
+# -------------------------------------------------------------------------------------- masks
+def expand_mask(owner, mask, x, allow_prefix=False):
+    """Keras's mask as a float 0/1 tensor of the rank of `x`, to broadcast against `x`.
+
+    Keras's layout (`keras.layers.BatchNormalization._moments`, and what `Masking` and
+    `Embedding` produce): the mask has the input's shape without its LAST axis, covers the
+    input's leading axes and is broadcast over the last one, whichever axis holds the
+    channels. With channels last that is one flag per position; with a channels-first
+    `(N, C, L)` input the `(N, C)` mask flags (example, channel) pairs and is broadcast over
+    `L`. Size-1 axes broadcast. Non-zero values count as valid, as Keras casts the mask to bool.
+
+    Args:
+        owner: Layer description for error messages.
+        mask: `None` or a tensor of rank `ndim - 1` (the input's rank minus one).
+        x: The input tensor (its dtype is the result's).
+        allow_prefix: Also accept lower ranks `1 .. ndim - 2`: a prefix of the input's shape,
+            broadcast over the remaining axes (e.g. `(batch, time)` for `(batch, time, h, w, c)`).
+
+    Returns:
+        `None`, or the mask with size-1 axes appended up to the rank of `x`.
+    """
+    if mask is None:
+        return None
+    ndim, rank = len(x.shape), len(mask.shape)
+    if not (rank == ndim - 1 or (allow_prefix and 1 <= rank < ndim - 1)):
+        allowed = ("one dimension less than the inputs, or a prefix of their shape"
+                   if allow_prefix else "one dimension less than the inputs")
+        # Keras's wording first ("The mask provided should be one dimension less ...").
+        raise ValueError(
+            f"{owner}: The mask provided should be {allowed} (Keras's layout: the input's "
+            f"shape without its last axis). Received: mask.shape={tuple(mask.shape)}, "
+            f"inputs.shape={tuple(x.shape)}"
+        )
+    for axis, (size, input_size) in enumerate(zip(mask.shape, x.shape)):
+        if size not in (None, 1) and input_size is not None and size != input_size:
+            # Caught here, where a broadcast would fail later with a shape error naming no
+            # layer; typically a mask laid out without the channel axis, not Keras's layout.
+            raise ValueError(
+                f"{owner}: the mask's axis {axis} has size {size} but the input's has "
+                f"{input_size}. Keras's mask layout is the input's shape without its LAST axis "
+                f"(whatever the channel axis), size-1 axes broadcasting. "
+                f"Received: mask.shape={tuple(mask.shape)}, inputs.shape={tuple(x.shape)}"
+            )
+    mask = tf.cast(tf.cast(mask, tf.bool), x.dtype)
+    for _ in range(ndim - rank):  # expand_dims keeps the static shape (a reshape may not)
+        mask = tf.expand_dims(mask, -1)
+    return mask
+
+
+def mask_varies_along(mask, axis):
+    """Whether a mask from `expand_mask` may take different values along `axis` (static)."""
+    return mask is not None and mask.shape[axis] != 1
 
 
 # ------------------------------------------------------------------------------------- layers

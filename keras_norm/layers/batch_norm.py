@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import initializers
 
-from keras_norm import stats
+from keras_norm import _compat, stats
 from keras_norm.layers import base
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -18,25 +18,33 @@ def _clone_initializer(initializer):
 
 
 def _check_renorm_clipping(owner, renorm_clipping):
+    """The clipping bounds given (None values dropped); Keras's checks, with Keras's wording."""
     if renorm_clipping is None:
         return {}
     if not isinstance(renorm_clipping, dict):
-        raise TypeError(
+        raise base.ArgumentTypeError(
             f"{owner}: argument `renorm_clipping` must be a dict with keys "
             f"{list(RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
         )
-    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS))
+    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS), key=repr)
     if unknown:
         raise ValueError(
-            f"{owner}: argument `renorm_clipping` has unknown keys {unknown}; supported keys "
-            f"are {list(RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}"
+            f"{owner}: Received invalid keys for `renorm_clipping` argument: {unknown}. "
+            f"Supported values: {list(RENORM_CLIPPING_KEYS)}. "
+            f"Received: renorm_clipping={renorm_clipping!r}"
         )
-    clipping = {key: base.check_float(owner, f"renorm_clipping['{key}']", value, low=0.0)
+    clipping = {key: base.check_float(owner, f"renorm_clipping['{key}']", value)
                 for key, value in renorm_clipping.items() if value is not None}
+    for key, value in clipping.items():
+        if value < 0:
+            raise ValueError(
+                f"{owner}: {key} should be non-negative in the `renorm_clipping` argument. "
+                f"Received: {key}={value}"
+            )
     rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
     if rmin is not None and rmax is not None and rmax < rmin:
         raise ValueError(
-            f"{owner}: `renorm_clipping` needs rmax >= rmin. "
+            f"{owner}: rmax should be greater than rmin in the `renorm_clipping` argument. "
             f"Received: rmax={rmax}, rmin={rmin}"
         )
     return clipping
@@ -122,8 +130,14 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         training: Python bool. `True` normalizes with the batch statistics and updates the
             moving ones (only if the layer is trainable: `trainable=False` freezes the layer
             in inference mode, as in Keras).
-        mask: Optional boolean tensor of the input's shape without the channel axis; masked
-            values do not enter the statistics (they are still normalized).
+        mask: Optional boolean tensor of the input's shape without its LAST axis (Keras's
+            layout, e.g. from `keras.layers.Masking`): it covers the leading axes and is
+            broadcast over the last one, whatever `axis` is, exactly as Keras's layer. With
+            channels last it flags positions; with `axis=1` on `(N, C, L)` inputs the
+            `(N, C)` mask flags (example, channel) pairs for all of `L`. Size-1 axes broadcast
+            (e.g. `(N, T, 1)` for `(N, T, H, C)`). Masked values do not enter the statistics
+            (they are still normalized); a channel with no valid value gets mean and variance
+            0, as in Keras.
 
     Reference:
         - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167)
@@ -271,8 +285,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         channels = x.shape[-1]
         gamma = tf.ones([channels]) if self.gamma is None else tf.cast(self.gamma, x.dtype)
         beta = tf.zeros([channels]) if self.beta is None else tf.cast(self.beta, x.dtype)
-        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, epsilon=self.epsilon, is_training=True)
+        outputs, mean, variance = _compat.fused_batch_norm(x, gamma, beta, self.epsilon)
         if training:
             # The kernel returns the Bessel-corrected variance; the moving variance tracks the
             # biased one, as the general path (and Keras) do.
@@ -282,16 +295,9 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         return outputs
 
     def _expand_mask(self, mask, x):
-        """Keras's mask has the input's shape without the channel axis: add that axis back."""
-        if mask is None:
-            return None
-        if len(mask.shape) != len(x.shape) - 1:
-            raise ValueError(
-                f"{self._owner}: the mask must have one dimension less than the inputs (no "
-                f"channel axis). Received: mask.shape={tuple(mask.shape)}, "
-                f"inputs.shape={tuple(x.shape)}"
-            )
-        return tf.expand_dims(tf.cast(mask, x.dtype), self._axis)
+        """Keras's mask (the input's shape without its last axis), expanded at -1 as Keras does
+        whatever the channel axis (see `base.expand_mask`)."""
+        return base.expand_mask(self._owner, mask, x)
 
     def _standardize(self, x, axes, gamma, beta, training, synchronized=False):
         """Unmasked batch statistics through the closed-form steps of `stats`, with the renorm

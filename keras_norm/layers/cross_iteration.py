@@ -10,10 +10,9 @@ layer's linear map itself and can differentiate the statistics with respect to t
 import keras
 import tensorflow as tf
 from keras import initializers
-from keras.src.backend import AutocastScope  # no public alias in Keras 3; see _read_float
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from keras_norm import stats
+from keras_norm import _compat, stats
 from keras_norm.layers import base
 
 #: The layers CBN can wrap, by exact type (a subclass may compute something else in `call`).
@@ -28,7 +27,7 @@ def _read_float(value, dtype):
     call. The kernel differences `W_t - W_{t-tau}` the compensation needs are ~1e-4 of the
     weights, below float16 resolution, so the float32 value is read outside any autocast scope.
     """
-    with AutocastScope(None):
+    with _compat.no_autocast():  # no public way in Keras 3 (see `_compat`)
         return tf.cast(tf.convert_to_tensor(value), dtype)
 
 
@@ -153,9 +152,11 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
         inputs: The wrapped layer's input.
         training: Python bool. `True` normalizes with the pooled statistics and updates the
             window and the moving statistics (only if the layer is trainable).
-        mask: Optional boolean tensor of the output's shape without the channel axis (e.g.
-            `(batch, time)` for a Dense layer on sequences); masked positions do not enter the
-            statistics or their derivatives.
+        mask: Optional boolean tensor in Keras's layout: the output's shape without its last
+            axis (e.g. `(batch, time)` for a Dense layer on sequences), broadcast over the last
+            axis as `keras.layers.BatchNormalization` does; masked positions do not enter the
+            statistics or their derivatives. With a channels-first convolution the mask must
+            have size 1 on the channel axis (`ValueError` otherwise).
 
     Reference:
         - [Yao et al., 2020, Cross-Iteration Batch Normalization](
@@ -191,7 +192,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
     ):
         owner = self.__class__.__name__
         if type(layer) not in SUPPORTED_LAYERS:
-            raise TypeError(
+            raise base.ArgumentTypeError(
                 f"{owner}: argument `layer` must be a keras.layers.Dense, Conv1D, Conv2D or "
                 "Conv3D layer (exact type: CBN recomputes the layer's linear map to "
                 f"differentiate it). Received: layer={layer!r}"
@@ -279,7 +280,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             return keras.ops.matmul(x, kernel)
         padding = layer.padding
         if padding == "causal":
-            x = keras.ops.pad(x, layer._compute_causal_padding())
+            x = keras.ops.pad(x, _compat.causal_padding(layer))
             padding = "valid"
         return keras.ops.conv(x, kernel, strides=list(layer.strides), padding=padding,
                               dilation_rate=layer.dilation_rate, data_format=layer.data_format)
@@ -378,16 +379,22 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
                                         has_values)
 
     def _expand_mask(self, mask, z):
-        """Keras's mask has the output's shape without the channel axis: add that axis."""
-        if mask is None:
-            return None
-        if len(mask.shape) != len(z.shape) - 1:
+        """Keras's mask (the output's shape without its last axis), expanded at -1 as Keras's
+        BatchNormalization does (see `base.expand_mask`). A Dense layer's channels are last,
+        so the mask flags positions; a channels-first convolution's mask (passed explicitly:
+        convolutions do not propagate masks) would flag channels, which the kernel
+        derivatives, stored with one count for all channels, do not support."""
+        mask = base.expand_mask(self._owner, mask, z)
+        if base.mask_varies_along(mask, self._axis):
             raise ValueError(
-                f"{self._owner}: the mask must have one dimension less than the layer's output "
-                f"(no channel axis). Received: mask.shape={tuple(mask.shape)}, "
+                f"{self._owner}: the mask must not vary along the channel axis {self._axis} of "
+                "the layer's output (Keras's mask layout covers all axes but the last, so with "
+                "a channels-first convolution it flags channels, which the cross-iteration "
+                "kernel derivatives do not support). Pass a mask of size 1 on the channel "
+                f"axis. Received: mask.shape={tuple(mask.shape[:-1])}, "
                 f"output.shape={tuple(z.shape)}"
             )
-        return tf.expand_dims(tf.cast(mask, z.dtype), self._axis)
+        return mask
 
     # ----------------------------------------------------------------- cross-iteration parts
     def _kernel_derivatives(self, recorded, z, mask, moments):

@@ -13,11 +13,17 @@ and there are no moving statistics. Statistics are two-pass moments in float32
 (`stats.moments`, `stats.group_moments`) whatever the input dtype.
 
 Masks. Keras's `LayerNormalization` and `GroupNormalization` pass a mask on but never use it, so
-padding enters group norm's statistics. Here a mask (Keras's `(batch, time)` convention, or the
-input's shape without the channel axis) removes the masked values from the statistics wherever
-it covers an axis the statistics reduce over; the mask is passed on unchanged. With
+padding enters group norm's statistics. Here a mask removes the masked values from the
+statistics wherever it varies along an axis the statistics reduce over; the mask is passed on
+unchanged. The layout is Keras's (as `keras.layers.BatchNormalization` reads it, and as
+`Masking` and `Embedding` produce it): the input's shape without its last axis, or a shorter
+prefix of the input's shape such as `(batch, time)`; it covers the input's leading axes and is
+broadcast over the rest, whichever axis holds the channels. So with channels last it flags
+positions; with `axis=1` on `(N, C, L)` inputs an `(N, C)` mask flags channels of each example,
+and group norm leaves the flagged channels out of their group's statistics. With
 `LayerNormalization(axis=-1)` the statistics of one position never mix positions, so a
-`(batch, time)` mask changes nothing and outputs equal Keras's.
+`(batch, time)` mask changes nothing and outputs equal Keras's. A set of values sharing
+statistics with no valid value falls back to all of its values (`stats.fallback_mask`).
 """
 
 import numbers
@@ -31,42 +37,30 @@ from keras_norm.layers import base
 
 
 # ------------------------------------------------------------------------------------ masks
-def mask_for_statistics(owner, mask, x, channel_axis, reduction_axes):
-    """The float mask statistics over `reduction_axes` should use, or `None` if it cannot matter.
+def mask_for_statistics(owner, mask, x, statistics_axes):
+    """The float mask statistics over `statistics_axes` should use, or `None` if it cannot matter.
 
     Args:
         owner: Layer description for error messages.
-        mask: `None` or a boolean/0-1 tensor, either of the input's shape without
-            `channel_axis`, or a prefix of the input's shape that stops before `channel_axis`
-            (Keras's `(batch, time)` masks).
+        mask: `None` or a boolean/0-1 tensor in Keras's layout (the input's shape without its
+            last axis), or of lower rank: a prefix of the input's shape, such as Keras's
+            `(batch, time)` masks (see `base.expand_mask`). It covers the input's leading
+            axes and is broadcast over the rest, whichever axis holds the channels.
         x: The input tensor.
-        channel_axis: Non-negative axis the mask does not cover.
-        reduction_axes: Non-negative axes of `x` the statistics reduce over.
+        statistics_axes: Non-negative axes of `x` that a set of values sharing statistics
+            spans.
 
     Returns:
-        A float mask of the rank of `x` (size 1 where it does not vary) in which every fully
-        masked set of values counts all its values (`stats.fallback_mask`), or `None` when the
-        mask covers none of `reduction_axes` (then it cannot change the statistics).
+        The mask at the rank of `x` (size 1 where it does not vary), or `None` when it varies
+        along none of `statistics_axes` (then it cannot change the statistics: a fully masked
+        set falls back to all its values, see `stats.fallback_mask`).
     """
     if mask is None:
         return None
-    ndim, rank = len(x.shape), len(mask.shape)
-    mask = tf.cast(mask, x.dtype)
-    if rank == ndim - 1:
-        covered = [a for a in range(ndim) if a != channel_axis]
-        mask = tf.expand_dims(mask, channel_axis)
-    elif rank < ndim - 1 and rank <= channel_axis:
-        covered = list(range(rank))
-        mask = tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([ndim - rank], tf.int32)], 0))
-    else:
-        raise ValueError(
-            f"{owner}: the mask must have the input's shape without the channel axis "
-            f"{channel_axis}, or be a prefix of the input's shape that stops before that axis. "
-            f"Received: mask.shape={tuple(mask.shape)}, inputs.shape={tuple(x.shape)}"
-        )
-    if not set(covered) & set(reduction_axes):
+    mask = base.expand_mask(owner, mask, x, allow_prefix=True)
+    if not any(base.mask_varies_along(mask, a) for a in statistics_axes):
         return None
-    return stats.fallback_mask(mask, reduction_axes)
+    return mask
 
 
 # ------------------------------------------------------------------------------ feature axes
@@ -115,7 +109,8 @@ class FeatureAxesMixin:
         return axes, shape
 
     def _statistics_mask(self, mask, x, axes):
-        return mask_for_statistics(self._owner, mask, x, axes[-1], axes)
+        mask = mask_for_statistics(self._owner, mask, x, axes)
+        return None if mask is None else stats.fallback_mask(mask, axes)
 
     def compute_output_shape(self, input_shape):
         base.canonical_axes(self._owner, self._axis_argument, input_shape)
@@ -174,9 +169,10 @@ class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
 
     Call arguments:
         inputs: Input tensor with the axes `axis` names (any rank >= 1 for `axis=-1`).
-        mask: Optional boolean mask: the input's shape without the last normalized axis, or a
-            prefix of the input's shape (Keras's `(batch, time)` masks). It is passed on; it
-            changes the statistics only where it covers a normalized axis.
+        mask: Optional boolean mask in Keras's layout: the input's shape without its last
+            axis, or a shorter prefix of the input's shape (`(batch, time)`), broadcast over
+            the remaining axes (see the module docstring). It is passed on; it changes the
+            statistics only where it varies along a normalized axis.
 
     Reference:
         - [Ba et al., 2016](https://arxiv.org/abs/1607.06450)
@@ -251,7 +247,7 @@ class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
 
 def _check_groups(owner, groups):
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise TypeError(
+        raise base.ArgumentTypeError(
             f"{owner}: argument `groups` must be an integer (a positive number of groups, or -1 "
             f"for one group per channel). Received: groups={groups!r}"
         )
@@ -315,10 +311,12 @@ class GroupNormalization(base.AffineNormalization):
 
     Call arguments:
         inputs: Input tensor of rank >= 2 (batch, then channels among the other axes).
-        mask: Optional boolean mask: the input's shape without the channel axis, or a prefix
-            of the input's shape that stops before the channel axis (Keras's `(batch, time)`).
-            Masked values do not enter the statistics (they are still normalized); an example
-            with no valid value uses all its values. It is passed on unchanged.
+        mask: Optional boolean mask in Keras's layout: the input's shape without its last
+            axis, or a shorter prefix of the input's shape (`(batch, time)`), broadcast over
+            the remaining axes whichever axis holds the channels (with `axis=1` on `(N, C, L)`
+            an `(N, C)` mask flags channels; see the module docstring). Masked values do not
+            enter the statistics (they are still normalized); a group of an example with no
+            valid value uses all its values. It is passed on unchanged.
 
     Reference:
         - [Wu & He, 2018](https://arxiv.org/abs/1803.08494)
@@ -356,11 +354,19 @@ class GroupNormalization(base.AffineNormalization):
         self._axis, channels = base.per_example_channel_axis(self._owner, self.axis,
                                                              input_shape)
         groups = channels if self.groups == -1 else self.groups
+        # The rule, and Keras's wording of it (Keras's own tests match that).
+        received = f"Received: groups={self.groups}, input_shape={tuple(input_shape)}"
+        if groups > channels:
+            raise ValueError(
+                f"{self._owner}: Number of groups ({groups}) cannot be more than the number of "
+                f"channels ({channels}): the number of channels ({channels}) must be divisible "
+                f"by groups ({groups}). {received}"
+            )
         if channels % groups:
             raise ValueError(
-                f"{self._owner}: the number of channels ({channels}) must be divisible by "
-                f"groups ({groups}). Received: groups={self.groups}, "
-                f"input_shape={tuple(input_shape)}"
+                f"{self._owner}: the number of channels ({channels}) must be divisible by groups "
+                f"({groups}) (in Keras's words: \"Number of groups ({groups}) must be a multiple "
+                f"of the number of channels ({channels})\"). {received}"
             )
         self._groups = groups
         self._one_channel_per_group = groups == channels
@@ -370,12 +376,16 @@ class GroupNormalization(base.AffineNormalization):
                                    + [1] * (ndim - self._axis - 1))
         self._channel_param_shape = [1] * self._axis + [channels] + [1] * (ndim - self._axis - 1)
         self._reduction_axes = [a for a in range(1, ndim) if a != self._axis]
+        # The axes a set of values sharing statistics spans: the channel axis too, unless
+        # every group is one channel.
+        self._statistics_axes = self._reduction_axes + (
+            [] if self._one_channel_per_group else [self._axis])
         # The same in the grouped layout (channel axis split into groups, channels per group).
         self._reduction_axes_grouped = [a for a in range(1, ndim + 1) if a != self._axis]
 
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
-        mask = mask_for_statistics(self._owner, mask, x, self._axis, self._reduction_axes)
+        mask = mask_for_statistics(self._owner, mask, x, self._statistics_axes)
         if mask is None and self._one_channel_per_group:
             # One channel per group (instance norm): no group axis to split off; XLA's CPU
             # backend reduces the unsplit layout faster.
@@ -389,6 +399,8 @@ class GroupNormalization(base.AffineNormalization):
             outputs, _ = stats.standardize(grouped, self._reduction_axes_grouped, self.epsilon,
                                            gamma, beta)
             return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
+        # Keras's layout with the channels not last: the mask flags channels too, and the
+        # flagged ones leave their group's statistics (see stats.group_moments).
         grouped, moments = stats.group_moments(x, self._axis, self._groups, mask)
         outputs = stats.normalize(grouped, moments.mean, moments.variance, self.epsilon, gamma,
                                   beta)
@@ -456,7 +468,7 @@ class InstanceNormalization(GroupNormalization):
         **kwargs,
     ):
         if "groups" in kwargs:
-            raise TypeError(
+            raise base.ArgumentTypeError(
                 f"{self.__class__.__name__}: argument `groups` is not accepted: instance "
                 "normalization uses one group per channel. Use GroupNormalization(groups=...) "
                 f"for other groupings. Received: groups={kwargs['groups']!r}"

@@ -234,8 +234,14 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         training: Python bool. `True` fits the mixture to the batch, normalizes with it and
             updates the moving mixture (only if the layer is trainable: `trainable=False`
             runs the layer in inference mode, as for BatchNormalization).
-        mask: Optional boolean tensor of the input's shape without the channel axis; masked
-            values do not enter the mixture estimate (they are still normalized).
+        mask: Optional boolean tensor in Keras's layout (as `keras.layers.BatchNormalization`
+            reads it): the input's shape without its LAST axis, covering the leading axes and
+            broadcast over the last one, whatever `axis` is. Masked values do not enter the
+            mixture estimate (they are still normalized). With channels last it flags
+            samples; with the channels not last it flags channels of each example, which
+            `mixture_axes="per_channel"` and `num_components=1` handle per value, and
+            `mixture_axes="channels"` (one posterior per position) rejects with a
+            `ValueError` unless the mask has size 1 on the channel axis.
 
     Reference:
         - [Kalayeh & Shah, 2018, Training Faster by Separating Modes of Variation in
@@ -357,15 +363,17 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
     # -------------------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
         x = base.to_statistics_dtype(inputs)
-        mask = self._check_mask(mask, x)
+        mask = base.expand_mask(self._owner, mask, x)
         if self.num_components == 1:
             return tf.cast(self._call_single(x, mask, training), self.compute_dtype)
+        # Inference with the moving mixture does not read the mask (as BatchNormalization).
+        use_batch = self._uses_batch_statistics(training)
+        valid = self._sample_mask(mask, x) if use_batch else None
         if self._to_last is not None:
             x = tf.transpose(x, self._to_last)
         samples = tf.reshape(x, [-1, self._channels])
-        valid = None if mask is None else tf.reshape(mask, [-1, 1])
         gamma, beta = self._affine_parameters(samples.dtype)
-        if self._uses_batch_statistics(training):
+        if use_batch:
             shift, xs, mixture, tau, count, first = self._fit(samples, valid)
         else:
             shift, mixture = self._moving_mixture(samples.dtype)
@@ -373,7 +381,8 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
             tau = self._posteriors(xs, mixture)
         outputs = self._normalize(xs.value, mixture, tau, gamma, beta)
         if self._is_training(training):
-            self._update_statistics(shift, mixture, count, first)
+            # Per-channel counts (a mask that flags channels) update if any value was valid.
+            self._update_statistics(shift, mixture, tf.reduce_max(count), first)
         outputs = tf.reshape(outputs, tf.shape(x))
         if self._to_last is not None:
             outputs = tf.transpose(outputs, self._from_last)
@@ -387,8 +396,6 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
             mean = tf.reshape(tf.cast(self.moving_mean, x.dtype), self._param_shape)
             variance = tf.reshape(tf.cast(self.moving_variance, x.dtype), self._param_shape)
             return stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
-        if mask is not None:
-            mask = tf.expand_dims(mask, self._axis)
         moments = stats.batch_moments(x, self._reduction_axes, mask, self.synchronized)
         mean, variance = moments.mean, moments.variance
         outputs = stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
@@ -399,19 +406,30 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
                                     count, first=None)
         return outputs
 
-    def _check_mask(self, mask, x):
-        """Keras's mask (the input's shape without the channel axis), as floats."""
+    def _sample_mask(self, mask, x):
+        """The mask from `base.expand_mask` in the samples' layout: `(N, 1)`, one flag per
+        sample, or `(N, C)`, one per value, when it varies along the channel axis (Keras's
+        layout with channels not last); `None` without a mask."""
         if mask is None:
             return None
-        if len(mask.shape) != len(x.shape) - 1:
+        per_value = base.mask_varies_along(mask, self._axis)
+        if per_value and not self._per_channel:
             raise ValueError(
-                f"{self._owner}: the mask must have one dimension less than the inputs (no "
-                f"channel axis). Received: mask.shape={tuple(mask.shape)}, "
-                f"inputs.shape={tuple(x.shape)}"
+                f"{self._owner}: with mixture_axes='channels' each position's channel vector is "
+                "one sample with one posterior, so the mask must not vary along the channel "
+                f"axis {self.axis}. Keras's mask layout covers the input's leading axes (all "
+                "but the last), so with the channels not last it flags channels. Use "
+                "mixture_axes='per_channel', num_components=1, channels-last inputs, or a mask "
+                f"of size 1 on the channel axis. Received: mask.shape={tuple(mask.shape[:-1])}, "
+                f"inputs.shape={tuple(x.shape)}, axis={self.axis}"
             )
-        # Moving the channel axis last keeps the order of the other axes: the mask's layout
-        # matches the samples' as it is.
-        return tf.cast(mask, x.dtype)
+        # Full size on every axis but the channels', then the samples' layout.
+        shape = tf.unstack(tf.shape(x))
+        shape[self._axis] = self._channels if per_value else 1
+        mask = tf.broadcast_to(mask, tf.stack(shape))
+        if self._to_last is not None:
+            mask = tf.transpose(mask, self._to_last)
+        return tf.reshape(mask, [-1, self._channels if per_value else 1])
 
     # ------------------------------------------------------------------------ EM pieces
     def _centred_moments(self, samples, valid):
@@ -425,7 +443,9 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
             count = tf.cast(tf.shape(samples)[0], samples.dtype)
             total = tf.reduce_sum(samples, axis=0, keepdims=True)
         else:
-            count = tf.reduce_sum(valid)
+            # One count per channel when the mask flags values (per-channel mixtures only).
+            count = (tf.reduce_sum(valid) if valid.shape[-1] == 1
+                     else tf.reduce_sum(valid, axis=0, keepdims=True))
             total = tf.reduce_sum(samples * valid, axis=0, keepdims=True)
         if self.synchronized:
             count, total = stats.all_reduce_sum((count, total))

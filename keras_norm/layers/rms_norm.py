@@ -46,9 +46,10 @@ class RMSNormalization(FeatureAxesMixin, keras.layers.Layer):
 
     Call arguments:
         inputs: Input tensor.
-        mask: Optional boolean mask: the input's shape without the last normalized axis, or a
-            prefix of the input's shape (Keras's `(batch, time)` masks). It is passed on; it
-            changes the statistic only where it covers a normalized axis.
+        mask: Optional boolean mask in Keras's layout: the input's shape without its last
+            axis, or a shorter prefix of the input's shape (`(batch, time)`), broadcast over
+            the remaining axes (see `keras_norm.layers.group_norm`). It is passed on; it
+            changes the statistic only where it varies along a normalized axis.
 
     Reference:
         - [Zhang & Sennrich, 2019](https://arxiv.org/abs/1910.07467)

@@ -1,4 +1,10 @@
-"""NumPy reference of batch normalization (plain, masked, ghost batches, renorm)."""
+"""NumPy reference of batch normalization (plain, masked, ghost batches, renorm).
+
+Masks are in Keras's layout, as `keras.layers.BatchNormalization._moments` reads them: the
+input's shape without its LAST axis (size-1 axes broadcast), expanded at -1 and broadcast to the
+input, whichever axis holds the channels. With channels last a mask flags positions; with
+`axis=1` on `(N, C, L)` an `(N, C)` mask flags (example, channel) pairs for all of `L`.
+"""
 
 import numpy as np
 
@@ -29,17 +35,29 @@ class BatchNormReference:
     def _gamma_beta(self, c):
         return self.w.get("gamma", np.ones(c)), self.w.get("beta", np.zeros(c))
 
-    @staticmethod
-    def _stats(x, mask):
-        """Per-channel mean and biased variance of a channels-last array over other axes."""
-        flat = x.reshape(-1, x.shape[-1])
+    def _element_mask(self, x, mask):
+        """Keras's mask as one 0/1 flag per value, in the channels-last layout (or None)."""
         if mask is None:
-            return flat.mean(0), flat.var(0), flat.shape[0]
-        m = np.broadcast_to(mask.reshape(mask.shape + (1,)), x.shape).reshape(flat.shape)
+            return None
+        mask = np.asarray(mask, bool)
+        x = np.asarray(x)
+        assert mask.ndim == x.ndim - 1, (mask.shape, x.shape)
+        full = np.broadcast_to(mask[..., None], x.shape)  # expand at -1, broadcast (Keras)
+        return np.moveaxis(full, self.axis, -1).astype(np.float64)
+
+    @staticmethod
+    def _stats(x, m):
+        """Per-channel mean, biased variance and count of a channels-last array over the other
+        axes; `m` (None or 0/1 of `x`'s shape) selects the values. No value: 0, 0, 0."""
+        flat = x.reshape(-1, x.shape[-1])
+        if m is None:
+            n = np.full(x.shape[-1], float(flat.shape[0]))
+            return flat.mean(0), flat.var(0), n
+        m = m.reshape(flat.shape)
         n = m.sum(0)
         mean = (flat * m).sum(0) / np.maximum(n, 1)
         var = (((flat - mean) ** 2) * m).sum(0) / np.maximum(n, 1)
-        return mean, var, n[0]
+        return mean, var, n
 
     # modes ----------------------------------------------------------------------------
     def _groups(self, batch):
@@ -48,23 +66,24 @@ class BatchNormReference:
         return [slice(s, min(s + self.v, batch)) for s in range(0, batch, self.v)]
 
     def _normalize_batch(self, x, mask, update):
-        xl = self._channels_last(x)
+        xl, ml = self._channels_last(x), self._element_mask(x, mask)
         gamma, beta = self._gamma_beta(xl.shape[-1])
         y = np.empty_like(xl)
         means, variances, counts = [], [], []
         for g in self._groups(xl.shape[0]):
-            gm = None if mask is None else np.asarray(mask)[g]
-            mean, var, n = self._stats(xl[g], gm)
+            mean, var, n = self._stats(xl[g], None if ml is None else ml[g])
             xhat = (xl[g] - mean) / np.sqrt(var + self.eps)
             if self.renorm and update:
                 r, d = self._renorm_correction(mean, var)
                 xhat = xhat * r + d
             y[g] = gamma * xhat + beta
             means.append(mean), variances.append(var), counts.append(n)
-        if update:
-            counts = np.asarray(counts, np.float64)[:, None]
-            mean = (counts * np.asarray(means)).sum(0) / counts.sum()
-            var = (counts * np.asarray(variances)).sum(0) / counts.sum()
+        if update and np.sum(counts) > 0:
+            # Count-weighted over the ghost batches, per channel (a mask may flag channels).
+            counts = np.asarray(counts, np.float64)
+            total = np.maximum(counts.sum(0), 1)
+            mean = (counts * np.asarray(means)).sum(0) / total
+            var = (counts * np.asarray(variances)).sum(0) / total
             self._update(mean, var)
         return self._restore(y, x)
 
@@ -101,29 +120,37 @@ class BatchNormReference:
         y = gamma * (xl - self.w["moving_mean"]) / np.sqrt(self.w["moving_variance"] + self.eps)
         return self._restore(y + beta, x)
 
-    def input_gradient(self, x, dy):
-        """Gradient of sum(y * dy) w.r.t. x for plain/ghost BN in training mode (closed form)."""
+    def input_gradient(self, x, dy, mask=None):
+        """Gradient of sum(y * dy) w.r.t. x for plain/ghost BN in training mode (closed form).
+
+        With a mask `m` (n valid values per channel), every output depends on the valid
+        values' statistics: `dx = inv (g - m sum(g) / n - m x_hat sum(g x_hat) / n)`, sums
+        over all values, masked ones included (they are normalized too)."""
         xl, dyl = self._channels_last(x), self._channels_last(dy)
+        ml = self._element_mask(x, mask)
         gamma, _ = self._gamma_beta(xl.shape[-1])
         dx = np.empty_like(xl)
         for g in self._groups(xl.shape[0]):
             xg, dg = xl[g].reshape(-1, xl.shape[-1]), dyl[g].reshape(-1, xl.shape[-1]) * gamma
-            mean, var = xg.mean(0), xg.var(0)
+            mg = np.ones_like(xg) if ml is None else ml[g].reshape(xg.shape)
+            mean, var, n = self._stats(xg, mg)
+            n = np.maximum(n, 1)
             if self.renorm:  # r is a constant (stop_gradient) scale on x_hat
                 dg = dg * self._renorm_correction(mean, var)[0]
             inv = 1 / np.sqrt(var + self.eps)
             xhat = (xg - mean) * inv
-            d = inv * (dg - dg.mean(0) - xhat * (dg * xhat).mean(0))
+            d = inv * (dg - mg * dg.sum(0) / n - mg * xhat * (dg * xhat).sum(0) / n)
             dx[g] = d.reshape(xl[g].shape)
         return self._restore(dx, x)
 
-    def weight_gradients(self, x, dy):
-        """Gradients of sum(y * dy) w.r.t. gamma and beta in training mode (unmasked):
+    def weight_gradients(self, x, dy, mask=None):
+        """Gradients of sum(y * dy) w.r.t. gamma and beta in training mode:
         `sum dy * (x_hat r + d)` with renorm's constant `r`, `d` per (ghost) batch."""
         xl, dyl = self._channels_last(x), self._channels_last(dy)
+        ml = self._element_mask(x, mask)
         corrected = np.empty_like(xl)
         for g in self._groups(xl.shape[0]):
-            mean, var, _ = self._stats(xl[g], None)
+            mean, var, _ = self._stats(xl[g], None if ml is None else ml[g])
             xhat = (xl[g] - mean) / np.sqrt(var + self.eps)
             if self.renorm:
                 r, d = self._renorm_correction(mean, var)

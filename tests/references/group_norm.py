@@ -4,20 +4,20 @@ Written from the papers' equations in float64, one normalization set at a time (
 examples and groups), independently of the layers' reshapes. None of these layers depends on the
 batch: `train` and `infer` are the same function and `state()` is empty.
 
-Masks follow keras_norm's convention: a mask of rank `ndim - 1` is the input's shape without the
-channel axis (the last normalized axis for layer/RMS norm), a shorter one is a prefix of the
-input's shape; masked values leave the statistics, and a set with no valid value uses all of its
-values.
+Masks follow Keras's layout (as `keras.layers.BatchNormalization` reads it): a mask of rank
+`ndim - 1` is the input's shape without its LAST axis and a shorter one a prefix of the input's
+shape; either covers the leading axes and is broadcast over the rest, whichever axis holds the
+channels (so with channels first it flags channels). Masked values leave the statistics, and a
+set with no valid value uses all of its values.
 """
 
 import numpy as np
 
 
-def expand_mask(mask, ndim, channel_axis):
-    """The mask as a boolean array of rank `ndim` (size 1 where it does not vary)."""
+def expand_mask(mask, ndim):
+    """The mask as a boolean array of rank `ndim`: size-1 trailing axes (NumPy would broadcast
+    a lower-rank array against the trailing axes instead, hence the explicit reshape)."""
     mask = np.asarray(mask, bool)
-    if mask.ndim == ndim - 1:
-        return np.expand_dims(mask, channel_axis)
     return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
 
 
@@ -58,7 +58,7 @@ class _FeatureSets(_PerExample):
         rows = moved.reshape(-1, features)
         valid = None
         if mask is not None:
-            full = np.broadcast_to(expand_mask(mask, ndim, axes[-1]), x.shape)
+            full = np.broadcast_to(expand_mask(mask, ndim), x.shape)
             valid = np.moveaxis(full, axes, last).reshape(-1, features)
         return rows, valid, axes, last, moved.shape
 
@@ -146,8 +146,7 @@ class GroupNormReference(_PerExample):
         xl, channels, groups, size = self._layout(x)
         valid = None
         if mask is not None:
-            full = np.broadcast_to(expand_mask(mask, xl.ndim, self.axis % xl.ndim),
-                                   np.shape(x))
+            full = np.broadcast_to(expand_mask(mask, xl.ndim), np.shape(x))
             valid = np.moveaxis(full, self.axis, -1)
         gamma = self.w.get("gamma", np.ones(channels))
         beta = self.w.get("beta", np.zeros(channels))

@@ -69,13 +69,13 @@ class MixtureNormReference:
         return np.exp(logits - log_sum_exp(logits, axis=1))
 
     def _m_step(self, x, tau, valid, lam, mean, var):
-        n_valid = valid.sum()
+        n_valid = valid.sum(axis=0)  # per channel: (C,)
         new_lam = np.zeros_like(np.asarray(lam))
         new_mean, new_var = mean.copy(), var.copy()
         for k in range(self.k):
-            t = tau[:, k, :] * valid[:, None]  # (N, C)
+            t = tau[:, k, :] * valid  # (N, C)
             s0 = t.sum(axis=0)
-            lam_k = s0 / n_valid if n_valid > 0 else np.zeros_like(s0)
+            lam_k = np.where(n_valid > 0, s0 / np.maximum(n_valid, 1), 0.0)
             new_lam[k] = lam_k if self.per_channel else lam_k[0]
             full = lam_k >= self.floor
             safe = np.where(full, s0, 1.0)
@@ -87,10 +87,16 @@ class MixtureNormReference:
 
     def _initial(self, x, valid):
         """Seed at the first step, the (aligned) moving mixture afterwards."""
-        n_valid, c = valid.sum(), x.shape[1]
-        xv = x[valid > 0]
-        m = xv.mean(axis=0) if n_valid else np.zeros(c)
-        v = xv.var(axis=0) if n_valid else np.zeros(c)
+        c = x.shape[1]
+        # Per channel: the channel's valid values (a mask in Keras's layout may flag channels).
+        m, v = np.zeros(c), np.zeros(c)
+        for channel in range(c):
+            values = x[valid[:, channel] > 0, channel]
+            if len(values):
+                m[channel], v[channel] = values.mean(), values.var()
+        # One mixture over the channel vector: the mask flags whole samples.
+        xv = x[valid[:, 0] > 0]
+        n_valid = len(xv)
         if self.w["num_updates"] == 0:
             q = quantile_centres(self.k)[:, None]
             spread = np.sqrt(v + self.eps)
@@ -146,11 +152,18 @@ class MixtureNormReference:
 
     # modes ----------------------------------------------------------------------------
     def _valid(self, x, mask):
-        return np.ones(len(x)) if mask is None else np.asarray(mask, np.float64).reshape(-1)
+        """`(N, C)` flags in the samples' layout. Keras's layout: the mask has the input's shape
+        without its last axis and is broadcast over the last one, whatever the channel axis."""
+        x = np.asarray(x)
+        if mask is None:
+            return np.ones(self._samples(x)[0].shape)
+        mask = np.asarray(mask, bool)
+        assert mask.ndim == x.ndim - 1, (mask.shape, x.shape)
+        return self._samples(np.broadcast_to(mask[..., None], x.shape))[0]
 
     def train(self, x, mask=None):
         xs, shape = self._samples(x)
-        valid = self._valid(xs, mask)
+        valid = self._valid(x, mask)
         lam, mean, var, tau = self._fit(xs, valid)
         if valid.sum() > 0:
             mo = 0.0 if (self.w["num_updates"] == 0 and self.k > 1) else self.momentum
@@ -163,7 +176,7 @@ class MixtureNormReference:
     def infer(self, x, mask=None):
         xs, shape = self._samples(x)
         if self.inference_statistics == "batch":
-            lam, mean, var, tau = self._fit(xs, self._valid(xs, mask))
+            lam, mean, var, tau = self._fit(xs, self._valid(x, mask))
         else:
             lam, mean = self.w["moving_weights"], self.w["moving_mean"]
             var = self.w["moving_variance"]
@@ -188,7 +201,7 @@ class MixtureNormReference:
         if self.posterior_gradient:
             return self._finite_difference(xs, g, shape)
         c = xs.shape[1]
-        valid = np.ones(len(xs))
+        valid = np.ones(xs.shape)
         lam, mean, var, tau, m_tau = self._fit(xs, valid, with_m_step_posteriors=True)
         gamma = self.w.get("gamma", np.ones(c))
         g = g * gamma
@@ -205,7 +218,7 @@ class MixtureNormReference:
         return self._restore(dx, shape)
 
     def _finite_difference(self, xs, g, shape, h=1e-5):
-        valid = np.ones(len(xs))
+        valid = np.ones(xs.shape)
         initial = self._initial(xs, valid)
 
         def loss(values):
