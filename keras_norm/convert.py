@@ -9,14 +9,14 @@ import inspect
 import keras
 import numpy as np
 
-from keras_norm import registry
+from keras_norm import _compat, registry
 
 # Arguments of a BatchNormalization that carry over to the new layer when it takes them.
 _CARRIED_ARGUMENTS = ("axis", "momentum", "epsilon", "center", "scale")
 
 
 def _flat_layers(model):
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    return _compat.flatten_layers(model)
 
 
 def _is_batch_norm(layer):
@@ -98,8 +98,7 @@ def convert(model, norm, *, copy_weights=True, **kwargs):
     True
     """
     if not isinstance(model, keras.Model) or not (
-            isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)
-            or type(model).__name__ == "Functional"):
+            isinstance(model, keras.Sequential) or type(model).__name__ == "Functional"):
         raise ValueError("convert: `model` must be a Sequential or Functional keras.Model "
                          "(subclassed models cannot be cloned). "
                          f"Received: model of type {type(model).__name__}")

@@ -14,14 +14,14 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from keras_norm import stats
+from keras_norm import _compat, stats
 
 
 # ------------------------------------------------------------------------------ discovery
 def _all_layers(model):
     """Every layer of a model, nested models and layers included, each once."""
     seen, ordered = set(), []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _compat.flatten_layers(model):
         if id(layer) not in seen:
             seen.add(id(layer))
             ordered.append(layer)
@@ -103,8 +103,9 @@ def batch_statistics(model):
     try:
         for layer in layers:
             if _is_keras_batch_norm(layer):
-                previous.append((layer, "call", layer.__dict__.get("call")))
-                layer.call = _keras_batch_norm_with_batch_statistics(layer)
+                # No public switch makes Keras's layer use batch statistics at inference.
+                previous.append((layer, "call", _compat.override_call(
+                    layer, _keras_batch_norm_with_batch_statistics(layer))))
             else:
                 previous.append((layer, "inference_statistics", layer.inference_statistics))
                 layer.inference_statistics = "batch"
@@ -112,9 +113,7 @@ def batch_statistics(model):
     finally:
         for layer, attribute, value in reversed(previous):
             if attribute == "call":
-                del layer.call
-                if value is not None:
-                    layer.call = value
+                _compat.restore_call(layer, value)
             else:
                 layer.inference_statistics = value
         _reset_compiled_functions(model)
@@ -238,14 +237,15 @@ def recompute_statistics(model, dataset, steps=None, unbiased=False, verbose=1):
         counts = {id(layer): tf.Variable(0.0, trainable=False,
                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                   for layer in layers}
-    saved = [(layer, layer.momentum, layer.trainable, layer.__dict__.get("call"))
-             for layer in layers]
+    saved = [(layer, layer.momentum, layer.trainable) for layer in layers]
+    calls = []
     training_state = _training_state(layers)
     try:
         for layer in layers:
             layer.momentum = momentum
             layer.trainable = True  # frozen layers would run in inference mode
-            layer.call = _count_recorder(layer, counts)
+            # Keras has no public pre-call hook to see each layer's input.
+            calls.append((layer, _compat.override_call(layer, _count_recorder(layer, counts))))
 
         @tf.function
         def replica_step(x):
@@ -272,12 +272,11 @@ def recompute_statistics(model, dataset, steps=None, unbiased=False, verbose=1):
     finally:
         for variable, value in training_state:
             variable.assign(value)
-        for layer, layer_momentum, trainable, call in saved:
+        for layer, layer_momentum, trainable in saved:
             layer.momentum = layer_momentum
             layer.trainable = trainable
-            del layer.call
-            if call is not None:
-                layer.call = call
+        for layer, previous in calls:
+            _compat.restore_call(layer, previous)
         _reset_compiled_functions(model)
     return used
 

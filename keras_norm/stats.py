@@ -13,17 +13,24 @@ Chan et al.'s parallel formula, which is exact in the same cases as the two-pass
     n = sum n_r,   mean = sum n_r mean_r / n,   M2 = sum [M2_r + n_r (mean_r - mean)^2]
 
 A replica (or a masked-out group) with `n_r = 0` contributes nothing and never produces a NaN.
+
+Public API (`__all__`): `set_xla_kernels` and `xla_kernels_enabled`, also exported as
+`keras_norm.set_xla_kernels` / `keras_norm.xla_kernels_enabled`. The rest is internal to
+keras_norm's layers.
 """
 
 import functools
+import weakref
 from typing import NamedTuple
 
 import tensorflow as tf
 
-try:  # XLA's optimization barrier; not in TensorFlow's public API (see `kernel`).
-    from tensorflow.compiler.tf2xla.python.xla import optimization_barrier as _xla_barrier
-except ImportError:  # pragma: no cover - depends on the TensorFlow build
-    _xla_barrier = None
+from keras_norm import _compat
+
+# The public API is what README documents: the switch for the compiled kernels (also exported
+# as `keras_norm.set_xla_kernels`). Everything else here is the shared machinery of
+# keras_norm's own layers and may change without notice.
+__all__ = ["set_xla_kernels", "xla_kernels_enabled"]
 
 
 class Moments(NamedTuple):
@@ -41,7 +48,18 @@ class Moments(NamedTuple):
     @property
     def variance(self):
         """The biased (population) variance `M2 / n`; 0 where nothing was counted."""
-        return tf.math.divide_no_nan(self.m2, self.count)
+        return divide_by_count(self.m2, self.count)
+
+
+def divide_by_count(total, count):
+    """`total / count` for a sum `total` over `count` values: 0 where nothing was counted (the
+    sum of nothing is 0, so dividing it by 1 there gives `tf.math.divide_no_nan`'s 0).
+
+    Not `divide_no_nan` itself in the moments that inference paths take (per-example norms):
+    TensorFlow Lite's converter (TF 2.19-2.21) lowers it to a broadcast that fails to run on
+    rank-5 tensors with an unknown batch size (group layouts `(B, H, W, G, C/G)`).
+    """
+    return total / tf.where(tf.equal(count, 0), tf.ones_like(count), count)
 
 
 def statistics_dtype(dtype):
@@ -72,14 +90,14 @@ def moments(x, axes, mask=None):
     if mask is None:
         count = tf.reshape(count_over(x, axes), [1] * len(x.shape))
         # Not reduce_mean: an empty replica (count 0) must give 0, not NaN.
-        mean = tf.math.divide_no_nan(tf.reduce_sum(x, axes, keepdims=True), count)
+        mean = divide_by_count(tf.reduce_sum(x, axes, keepdims=True), count)
         # d Var / d mean is zero, so the second pass needs no gradient through the mean.
         m2 = tf.reduce_sum(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes,
                            keepdims=True)
         return Moments(count, mean, m2)
     weights = tf.cast(tf.broadcast_to(tf.cast(mask, x.dtype), tf.shape(x)), x.dtype)
     count = tf.reduce_sum(weights, axes, keepdims=True)
-    mean = tf.math.divide_no_nan(tf.reduce_sum(x * weights, axes, keepdims=True), count)
+    mean = divide_by_count(tf.reduce_sum(x * weights, axes, keepdims=True), count)
     centred = (x - tf.stop_gradient(mean)) * weights
     m2 = tf.reduce_sum(tf.square(centred), axes, keepdims=True)
     return Moments(count, mean, m2)
@@ -222,10 +240,12 @@ def set_xla_kernels(enabled):
     kernel in a `tf.function` (e.g. `Model.fit`) even when the model is not compiled with
     `jit_compile=True` (forward+backward 1.1-3.5x faster on the 2-core CPU of BENCHMARKS.md,
     in ratios to keras_norm's BatchNormalization; the same results within float rounding).
-    Eager calls always run plain ops. Inside a `jit_compile=True` model the kernels are
-    inlined into the model's program, each behind an XLA optimization barrier (see
-    `kernel`). Turn them off where XLA is unavailable or unwanted
-    (e.g. converting to TFLite); layers traced afterwards use plain TensorFlow ops.
+    Eager calls always run plain ops, and so do inference traces (no gradient tape:
+    `predict`, `evaluate`, `model.export`, the TFLite converter), so exported graphs hold only
+    ordinary TensorFlow ops whatever this setting. Inside a `jit_compile=True` model the
+    kernels are inlined into the model's program, each behind an XLA optimization barrier
+    (see `kernel`). Turn them off where XLA is unavailable or unwanted for training; layers
+    traced afterwards use plain TensorFlow ops.
 
     Args:
         enabled: Python bool.
@@ -245,16 +265,39 @@ def xla_kernels_enabled():
     return _XLA_KERNELS
 
 
+# The `tf.function` graphs in which a kernel was traced under a recording gradient tape (a
+# training step's graph, and the graphs it is traced inside). A backward kernel is traced when
+# the gradient is built, after the tape has stopped recording, in that graph or in the
+# gradient graph of a control-flow branch traced inside it; it compiles when one of those is
+# marked. Weak: a graph is forgotten with its function.
+_TRAINING_GRAPHS = weakref.WeakSet()
+
+
 def use_xla_kernels():
-    """Whether a layer traced now should call its XLA-compiled kernels: when they are enabled
-    and the call is being traced into a graph. Eager calls (debugging, `run_eagerly=True`) run
-    the same math as plain ops, step by step, with no per-shape compilation."""
-    return _XLA_KERNELS and not tf.executing_eagerly()
+    """Whether a kernel traced now should run XLA-compiled: when they are enabled, the call is
+    traced into a graph and that graph computes gradients.
+
+    A forward kernel compiles when a gradient tape records it (a training step: `Model.fit`,
+    any `tf.GradientTape` in a `tf.function`); a backward kernel, traced while the gradient is
+    built, when its graph (or one it is traced inside) holds such a forward kernel. Inference
+    traces (`predict`, `evaluate`, `model.export`, the TFLite converter) record no gradient,
+    so their graphs hold only ordinary TensorFlow ops, which every runtime has: the kernels
+    only pay off through their closed-form gradients. Eager calls (debugging,
+    `run_eagerly=True`) run the same math as plain ops, step by step, with no per-shape
+    compilation."""
+    if not _XLA_KERNELS or tf.executing_eagerly():
+        return False
+    graphs = _compat.enclosing_graphs()
+    if _compat.gradient_recording():
+        _TRAINING_GRAPHS.update(graphs)
+        return True
+    return any(graph in _TRAINING_GRAPHS for graph in graphs)
 
 
 class kernel:  # noqa: N801 (used as a decorator)
     """Decorator: a function of tensors (and keyword-only Python arguments) that runs as one
-    XLA-compiled kernel when `use_xla_kernels()` and as plain ops otherwise.
+    XLA-compiled kernel when `use_xla_kernels()` (traced for a training step) and as plain
+    ops otherwise (eagerly, and in inference traces such as exported models).
 
     The compiled version is a `tf.function(jit_compile=True)` traced once per input signature
     (XLA specializes each concrete shape when it runs); `.plain` is the undecorated function,
@@ -277,12 +320,7 @@ class kernel:  # noqa: N801 (used as a decorator)
     def __call__(self, *tensors, **static):
         if not use_xla_kernels():
             return self.plain(*tensors, **static)
-        # A compiled function captures its arguments into the caller's graph inside an XLA
-        # context; in the gradient graph of a `tf.cond` branch, capturing a forward-pass tensor
-        # that way takes cond_v2's XLA-only path and the gradient fails ("Could not find
-        # external tensor capture"). An identity outside the call captures it the ordinary
-        # way (and copies nothing).
-        return self.compiled(*[tf.identity(t) for t in tensors], **static)
+        return self.compiled(*_compat.xla_call_arguments(tensors), **static)
 
 
 def _behind_barrier(function):
@@ -294,14 +332,13 @@ def _behind_barrier(function):
     tensor, written and read back, where the kernel recomputes it from `x` inside each
     reduction for free. The barrier keeps each kernel's arithmetic its own (EvoNorm-B0
     forward+backward under model-level XLA, (128, 32, 32, 64): 1.76x -> 1.14x keras_norm BN
-    on the 2-core CPU). It changes no value.
+    on the 2-core CPU). It changes no value. (The barrier op is TensorFlow-internal API:
+    without it `_compat.optimization_barrier` warns once and passes the tensors through.)
     """
 
     @functools.wraps(function)
     def wrapped(*tensors, **static):
-        if _xla_barrier is not None:
-            tensors = _xla_barrier(*tensors)
-        return function(*tensors, **static)
+        return function(*_compat.optimization_barrier(*tensors), **static)
 
     return wrapped
 
@@ -602,7 +639,7 @@ def mean_square(x, axes, mask=None):
     weights = tf.cast(mask, x.dtype)
     count = tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), axes, keepdims=True)
     total = tf.reduce_sum(tf.square(x) * weights, axes, keepdims=True)
-    return tf.math.divide_no_nan(total, count)
+    return divide_by_count(total, count)
 
 
 def fallback_mask(mask, axes):
@@ -639,8 +676,9 @@ def group_moments(x, axis, groups, mask=None):
         x: Tensor `(B, ..., C, ...)` with the channels on the non-negative axis `axis`.
         axis: The channel axis (not 0: axis 0 is the examples).
         groups: Python int dividing `C`.
-        mask: Optional mask of the rank of `x`, size 1 on the channel axis; values where it is
-            0 are ignored.
+        mask: Optional 0/1 float mask of the rank of `x` (size-1 axes broadcast, the channel
+            axis included); values where it is 0 are ignored, and a set (example, group) with
+            no valid value uses all of its values (`fallback_mask`).
 
     Returns:
         `(grouped, moments)`: `grouped` is `split_channels(x, axis, groups)`; `moments` reduce
@@ -649,5 +687,10 @@ def group_moments(x, axis, groups, mask=None):
     """
     grouped = split_channels(x, axis, groups)
     axes = [a for a in range(1, len(grouped.shape)) if a != axis]
-    weights = None if mask is None else tf.expand_dims(mask, axis)
-    return grouped, moments(grouped, axes, weights)
+    if mask is None:
+        return grouped, moments(grouped, axes)
+    # A mask that varies along the channels (Keras's layout with the channels not last) is
+    # split into groups as `x` is; one of size 1 there broadcasts over each group's channels.
+    weights = (tf.expand_dims(mask, axis) if mask.shape[axis] == 1
+               else split_channels(mask, axis, groups))
+    return grouped, moments(grouped, axes, fallback_mask(weights, axes))

@@ -128,26 +128,80 @@ def test_standardize_group_norm_layout(execution):
     _check_standardize(x, [1, 3], gamma, beta, (0, 1), rng.normal(size=x.shape), execution)
 
 
-def test_graph_mode_calls_the_compiled_kernels():
-    """Traced into a graph, `standardize` calls XLA-compiled functions, each of which passes
-    its inputs through XLA's optimization barrier; with the kernels off, or eagerly, it calls
-    none (the kernels are an implementation choice the switch controls)."""
+def _compiled_functions(function, *args):
+    """The XLA-compiled functions in the graph `function(*args)` traces into (by name, with
+    their ops)."""
+    graph = tf.function(function).get_concrete_function(*args).graph
+    return {f.signature.name: {node.op for node in f.node_def}
+            for f in graph.as_graph_def().library.function
+            if f.attr.get("_XlaMustCompile") and f.attr["_XlaMustCompile"].b}
+
+
+def _all_ops(function, *args):
+    """Every op type in the graph `function(*args)` traces into, its functions' included."""
+    graph = tf.function(function).get_concrete_function(*args).graph.as_graph_def()
+    return ({node.op for node in graph.node}
+            | {node.op for f in graph.library.function for node in f.node_def})
+
+
+def _training_step(x):
+    """A training step's shape: the forward pass under a tape, then the gradient."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(stats.standardize(x, [0], 1e-3)[0] * tf.range(3.0))
+    return tape.gradient(loss, x)
+
+
+def test_training_traces_call_the_compiled_kernels():
+    """Traced for a training step (a gradient tape records the forward pass), `standardize`
+    runs its forward and its backward pass as XLA-compiled functions, each of which passes
+    its inputs through XLA's optimization barrier; with the kernels off it calls none (the
+    kernels are an implementation choice the switch controls)."""
+    x = tf.random.normal((4, 3))
+    with _xla_kernels(True):
+        compiled = _compiled_functions(_training_step, x)
+    assert any("_standardize_forward" in name for name in compiled), sorted(compiled)
+    assert any("_standardize_backward" in name for name in compiled), sorted(compiled)
+    # The barrier is TensorFlow-internal API (keras_norm._compat): fail loudly if it is lost.
+    for name, ops in compiled.items():
+        assert "XlaOptimizationBarrier" in ops, name
+    with _xla_kernels(False):
+        assert not _compiled_functions(_training_step, x)
+
+
+def test_inference_traces_hold_only_plain_ops():
+    """Traced without a gradient tape (inference: `predict`, `model.export`, the TFLite
+    converter), `standardize` calls no compiled function and no XLA op, with the kernels on;
+    tracing a training step first does not change that."""
     x = tf.random.normal((4, 3))
 
-    def compiled_functions(enabled):
-        with _xla_kernels(enabled):
-            graph = tf.function(lambda: stats.standardize(x, [0], 1e-3)[0]).get_concrete_function()
-        library = graph.graph.as_graph_def().library.function
-        return [f for f in library
-                if f.attr.get("_XlaMustCompile") and f.attr["_XlaMustCompile"].b]
+    def inference(x):
+        return stats.standardize(x, [0], 1e-3)[0]
 
-    compiled = compiled_functions(True)
-    assert compiled
-    # The barrier is TensorFlow-internal API: fail loudly if an upgrade moves it.
-    for function in compiled:
-        assert "XlaOptimizationBarrier" in {node.op for node in function.node_def}, \
-            function.signature.name
-    assert not compiled_functions(False)
+    with _xla_kernels(True):
+        _compiled_functions(_training_step, x)
+        assert not _compiled_functions(inference, x)
+        ops = _all_ops(inference, x)
+    assert not {op for op in ops if op.startswith("Xla")}, sorted(ops)
+
+
+def test_backward_kernels_compile_inside_control_flow_gradients():
+    """The gradient of a `tf.cond` branch is traced in a graph of its own, after the tape
+    has stopped recording; its backward kernel still compiles (the branch's forward kernel
+    did), so layers inside control flow keep their compiled training step."""
+    x = tf.random.normal((4, 3))
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cond(tf.reduce_sum(x) > -1e9, lambda: stats.standardize(x, [0], 1e-3)[0],
+                        lambda: x)
+            loss = tf.reduce_sum(y * tf.range(3.0))
+        return tape.gradient(loss, x)
+
+    with _xla_kernels(True):
+        compiled = _compiled_functions(step, x)
+    assert any("_standardize_backward" in name for name in compiled), sorted(compiled)
 
 
 def _renorm_style_statistics(mean, variance):
