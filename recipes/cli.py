@@ -1,7 +1,46 @@
 """Argument types and the one-line-error parser shared by the recipes' command lines."""
 
 import argparse
+import importlib.util
 import json
+import sys
+
+#: The modules of the `recipes` extra (pyproject.toml) that the recipes import, and the pip
+#: distribution each comes from. keras_norm itself needs none of them.
+RECIPES_EXTRA = {
+    "keras_tuner": "keras-tuner",
+    "tensorflow_datasets": "tensorflow-datasets",
+    "matplotlib": "matplotlib",
+    "tensorboard": "tensorboard",
+    "scipy": "scipy",
+}
+INSTALL_RECIPES = 'pip install "keras-norm[recipes]"'
+
+
+def missing_recipes_extra():
+    """The distributions of the `recipes` extra whose modules cannot be found (none imported)."""
+    missing = []
+    for module, distribution in RECIPES_EXTRA.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(distribution)
+    return missing
+
+
+def require_recipes_extra(prog):
+    """Exits with status 2 and one line on stderr if the `recipes` extra is not installed.
+
+    Called first by every recipe's `main`, so that a lean `pip install keras-norm` meets a
+    line naming the extra rather than an ImportError deep inside a run.
+    """
+    missing = missing_recipes_extra()
+    if missing:
+        print(f"{prog}: error: the recipes need the recipes extra ({', '.join(missing)} "
+              f"missing): {INSTALL_RECIPES}", file=sys.stderr)
+        sys.exit(2)
 
 
 class Parser(argparse.ArgumentParser):

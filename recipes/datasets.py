@@ -8,8 +8,8 @@ Sources
 ``load_data(source)`` accepts:
 
 * a TFDS name, ``"cifar10"`` or ``"cifar100"`` (or ``"tfds:cifar10"``). It is only read if it is
-  already prepared locally: nothing is ever downloaded, and a missing data set raises
-  :class:`DataNotFoundError` instead of hanging on the network. Use ``tfds_data_dir`` (or
+  already prepared locally (``tfds.load`` prepares it): a data set named this way is never
+  downloaded, and a missing one raises :class:`DataNotFoundError`. Use ``tfds_data_dir`` (or
   TFDS's own ``$TFDS_DATA_DIR``) to say where it lives. Use ``./cifar10`` to mean a local folder
   of that name.
 * a class-folder tree: ``<root>/train/<class>/*.jpg|*.jpeg|*.png`` and
@@ -23,6 +23,12 @@ Sources
   :func:`unpack_archive` for the cache scheme.
 * an ``.npz`` file with ``x_train`` (N, 32, 32, 3) uint8, ``y_train`` (N,), ``x_test``,
   ``y_test`` and optionally ``class_names`` (the layout of the shared ``cifar10-small.npz``).
+* CIFAR-10's own "python version" release: ``cifar-10-python.tar.gz`` (any file name: it is
+  recognized by its members), or the ``cifar-10-batches-py`` folder unpacked from it, holding
+  the pickled batches ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` and
+  ``batches.meta``. This is the file :func:`download_cifar10` (and ``keras.datasets.cifar10``)
+  downloads. The archive is read directly, without unpacking, and its pickles are loaded with
+  an unpickler that accepts only NumPy arrays.
 
 Discovery order (``load_data()`` / :func:`find_source` with no source)
 ------------------------------------------------------------------------
@@ -34,15 +40,25 @@ Discovery order (``load_data()`` / :func:`find_source` with no source)
    ``cifar10-small.npz`` (2,000 train + 1,000 test images) when the caller passes
    ``small=True``.
 3. TFDS ``cifar10``, if it is already prepared locally.
+4. CIFAR-10 downloaded earlier into the Keras cache (``$KERAS_HOME/datasets``, by default
+   ``~/.keras/datasets``), by this module or by ``keras.datasets.cifar10``: they share the
+   file.
+5. A download of CIFAR-10 into that cache with ``keras.utils.get_file`` (a progress bar, then a
+   line saying where the file went; 163 MB, checked against its SHA-256), unless downloading
+   is turned off with ``$KERAS_NORM_DOWNLOAD=0`` (``--no-download`` on ``recipes.cifar``).
 
-If none of these is found, :class:`DataNotFoundError` (a ``ValueError``) says what was looked at
-and how to point at local data: ``--data PATH`` on a recipe's command line, or
-``KERAS_NORM_DATA=PATH`` in the environment.
+If none of these gives data, :class:`DataNotFoundError` (a ``ValueError``) says what was looked
+at, why the download failed (offline, say) or that it was turned off, and how to point at local
+data: ``--data PATH`` on a recipe's command line, or ``KERAS_NORM_DATA=PATH`` in the
+environment.
 
 Environment variables
 ---------------------
-``KERAS_NORM_DATA``: default data source (see above). ``KERAS_NORM_CACHE``: cache folder for
-unpacked archives (default ``$XDG_CACHE_HOME/keras_norm`` or ``~/.cache/keras_norm``, else
+``KERAS_NORM_DATA``: default data source (see above). ``KERAS_NORM_DOWNLOAD``: ``0`` (or
+``false``, ``no``, ``off``) turns discovery's download off; ``1`` (or ``true``, ``yes``, ``on``)
+or unset allows it. ``KERAS_HOME``: the Keras cache folder downloads go to (Keras's own
+variable). ``KERAS_NORM_CACHE``: cache folder for unpacked archives (default
+``$XDG_CACHE_HOME/keras_norm`` or ``~/.cache/keras_norm``, else
 ``<system temp dir>/keras_norm-cache``).
 """
 
@@ -50,8 +66,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import os
+import pickle
 import shutil
 import tarfile
 import tempfile
@@ -66,6 +84,8 @@ __all__ = [
     "CIFAR10_STD",
     "DATA_ENV_VAR",
     "CACHE_ENV_VAR",
+    "DOWNLOAD_ENV_VAR",
+    "CIFAR10_URL",
     "TFDS_NAMES",
     "DataNotFoundError",
     "ImageData",
@@ -73,6 +93,9 @@ __all__ = [
     "shared_data_dir",
     "find_source",
     "load_data",
+    "download_enabled",
+    "keras_cache_dir",
+    "download_cifar10",
     "unpack_archive",
     "default_cache_dir",
     "subset",
@@ -96,6 +119,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 DATA_ENV_VAR = "KERAS_NORM_DATA"
 CACHE_ENV_VAR = "KERAS_NORM_CACHE"
+DOWNLOAD_ENV_VAR = "KERAS_NORM_DOWNLOAD"
 #: TFDS data sets that ``load_data`` accepts by bare name.
 TFDS_NAMES = ("cifar10", "cifar100")
 
@@ -112,12 +136,27 @@ _HOW_TO_POINT = (
     "(like shared/data/cifar10-jpg.tar.gz), or an .npz with x_train, y_train, x_test, y_test "
     "(like shared/data/cifar10-small.npz)."
 )
+#: CIFAR-10's python-pickle release, the file ``keras.datasets.cifar10`` downloads, and its
+#: SHA-256 (the value Keras checks).
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+# The name keras.datasets.cifar10 saves that download under in <Keras cache>/datasets/ (its
+# get_file(fname="cifar-10-batches-py-target", extract=True) in Keras 3.10 to 3.15): using the
+# same name means one download serves both.
+CIFAR10_CACHE_NAME = "cifar-10-batches-py-target_archive"
+_CIFAR_PY_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+_CIFAR_PY_META = "batches.meta"
+# Seconds a download may wait for the server (to connect, or for the next block) before it
+# counts as failed.
+_DOWNLOAD_TIMEOUT_S = 60.0
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
 # Partial unpack folders older than this are assumed to be left over from a killed process.
 _STALE_PARTIAL_S = 3600.0
 
 
 class DataNotFoundError(ValueError):
-    """No usable data source was found (nothing is ever downloaded)."""
+    """No usable data source was found, and CIFAR-10 could not be downloaded."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,19 +264,23 @@ def _tfds_status(name: str, data_dir=None):
         return False, f"unavailable ({type(err).__name__}: {err})"
 
 
-def find_source(small: bool = False, *, tfds_data_dir=None) -> str:
+def find_source(small: bool = False, *, tfds_data_dir=None, download=None) -> str:
     """Finds the default data source, in the order described in the module docstring.
 
     Args:
         small: pick the shared ``cifar10-small.npz`` instead of ``cifar10-jpg.tar.gz`` in
-            step 2 (steps 1 and 3 are unaffected).
+            step 2 (the other steps are unaffected).
         tfds_data_dir: TFDS data folder for step 3 (default: TFDS's own default).
+        download: allow step 5, the download; None: as ``$KERAS_NORM_DOWNLOAD`` says (see
+            :func:`download_enabled`).
 
     Returns:
         A source string for :func:`load_data`: a path, or ``"tfds:cifar10"``.
 
     Raises:
-        DataNotFoundError: if nothing is found, or ``$KERAS_NORM_DATA`` names a missing path.
+        DataNotFoundError: if nothing is found and the download is off or fails, or
+            ``$KERAS_NORM_DATA`` names a missing path.
+        ValueError: if ``$KERAS_NORM_DOWNLOAD`` is neither a yes nor a no word.
     """
     env = os.environ.get(DATA_ENV_VAR, "").strip()
     if env:
@@ -257,12 +300,128 @@ def find_source(small: bool = False, *, tfds_data_dir=None) -> str:
     if prepared:
         return "tfds:cifar10"
     looked.append(f"TFDS 'cifar10' {description}")
+
+    cached = keras_cache_dir() / "datasets" / CIFAR10_CACHE_NAME
+    if cached.is_file() and _sha256(cached) == CIFAR10_SHA256:
+        return str(cached)
+    looked.append(f"no CIFAR-10 download in the Keras cache ({cached})")
+
+    if not download_enabled(download):
+        looked.append(
+            f"downloading is turned off (${DOWNLOAD_ENV_VAR}="
+            f"{os.environ.get(DOWNLOAD_ENV_VAR, '')!r} or --no-download)"
+            if download is None else "downloading is turned off (download=False)"
+        )
+    else:
+        try:
+            return str(download_cifar10())
+        except Exception as err:  # offline, refused, corrupted: all end in the error below
+            looked.append(f"the download failed: {_one_line(err)}")
     raise DataNotFoundError(
-        "No image data found (nothing is downloaded). Looked at: "
+        "No image data found. Looked at: "
         + "; ".join(f"({i}) {item}" for i, item in enumerate(looked, 1))
         + ". "
         + _HOW_TO_POINT
     )
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def download_enabled(download=None) -> bool:
+    """Whether discovery may download CIFAR-10.
+
+    Args:
+        download: True or False decides; None reads ``$KERAS_NORM_DOWNLOAD`` (unset or empty:
+            allowed).
+
+    Returns:
+        A bool.
+
+    Raises:
+        ValueError: if ``download`` is not a bool or None, or the variable holds neither a yes
+            word (1, true, yes, on) nor a no word (0, false, no, off).
+    """
+    if download is not None:
+        if not isinstance(download, bool):
+            raise ValueError(f"download must be True, False or None, got {download!r}")
+        return download
+    value = os.environ.get(DOWNLOAD_ENV_VAR, "").strip().lower()
+    if value in ("",) + _TRUE_WORDS:
+        return True
+    if value in _FALSE_WORDS:
+        return False
+    raise ValueError(
+        f"${DOWNLOAD_ENV_VAR}={os.environ[DOWNLOAD_ENV_VAR]!r}: expected one of "
+        f"{', '.join(_TRUE_WORDS + _FALSE_WORDS)}"
+    )
+
+
+def keras_cache_dir(create: bool = False) -> Path:
+    """The Keras cache folder, as ``keras.utils.get_file`` picks it: ``$KERAS_HOME``, else
+    ``~/.keras``; ``/tmp/.keras`` when that is not a writable folder.
+
+    Args:
+        create: first try to create the ``$KERAS_HOME`` or ``~/.keras`` folder (Keras creates
+            ``~/.keras`` on import, but not a new ``$KERAS_HOME``).
+
+    Returns:
+        A ``Path`` (it may not exist yet).
+    """
+    base = os.path.expanduser(
+        os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    )
+    if create:
+        try:
+            os.makedirs(base, exist_ok=True)
+        except OSError:
+            pass  # then the same fallback as Keras's
+    if not os.access(base, os.W_OK):
+        base = os.path.join("/tmp", ".keras")
+    return Path(base)
+
+
+def download_cifar10() -> Path:
+    """Downloads CIFAR-10 (python version, 163 MB) into the Keras cache, with a progress bar.
+
+    The file is :data:`CIFAR10_URL`, saved as ``<Keras cache>/datasets/`` + the name
+    ``keras.datasets.cifar10`` uses, and checked against its SHA-256 (a file already there
+    that passes the check is reused without a download). One line on stdout says where it
+    went.
+
+    Returns:
+        The ``Path`` of the downloaded archive, a source for :func:`load_data`.
+
+    Raises:
+        Exception: whatever ``keras.utils.get_file`` raises when the download fails (offline:
+            "URL fetch failure on ..."), or a ``ValueError`` when the file's hash is wrong.
+            A failed download leaves no file behind.
+    """
+    import socket
+
+    from keras.utils import get_file
+
+    cache = keras_cache_dir(create=True)
+    target = cache / "datasets" / CIFAR10_CACHE_NAME
+    # get_file sets no timeout: on a network that drops packets it would wait forever.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        path = Path(get_file(
+            fname=CIFAR10_CACHE_NAME, origin=CIFAR10_URL, file_hash=CIFAR10_SHA256,
+            cache_subdir="datasets", cache_dir=str(cache),
+        ))
+    except BaseException:
+        # get_file leaves a file whose hash failed in place; the next run would find it again.
+        if target.is_file():
+            target.unlink()
+        raise
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    print(f"CIFAR-10 downloaded to {path} ({path.stat().st_size / 1e6:.0f} MB)", flush=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,17 +442,21 @@ def _tfds_name(source: str):
     return text.lower() if text.lower() in TFDS_NAMES else None
 
 
-def load_data(source=None, *, small: bool = False, cache_dir=None, tfds_data_dir=None):
+def load_data(source=None, *, small: bool = False, cache_dir=None, tfds_data_dir=None,
+              download=None):
     """Loads an image classification data set into memory.
 
     Args:
         source: a TFDS name (``"cifar10"``, ``"cifar100"``, ``"tfds:cifar10"``), or a path
             (str or ``os.PathLike``) to a class-folder tree, a ``.tar.gz``/``.tgz``/``.tar`` of
-            one, or an ``.npz`` file. None: discover it (see :func:`find_source`).
+            one, an ``.npz`` file, or CIFAR-10's python release (archive or folder). None:
+            discover it, downloading CIFAR-10 if need be (see :func:`find_source`).
         small: with ``source=None``, prefer the shared ``cifar10-small.npz``. Ignored otherwise
             (use :func:`subset` to shrink any source).
         cache_dir: where archives are unpacked (see :func:`default_cache_dir`).
         tfds_data_dir: TFDS data folder (default: TFDS's own default).
+        download: with ``source=None``, allow the download (see :func:`find_source`); None:
+            as ``$KERAS_NORM_DOWNLOAD`` says.
 
     Returns:
         An :class:`ImageData` with uint8 images and int32 labels.
@@ -304,7 +467,7 @@ def load_data(source=None, *, small: bool = False, cache_dir=None, tfds_data_dir
         ValueError: if the source exists but has an unsupported type or layout.
     """
     if source is None:
-        source = find_source(small=small, tfds_data_dir=tfds_data_dir)
+        source = find_source(small=small, tfds_data_dir=tfds_data_dir, download=download)
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(
             f"source must be a path, a TFDS name or None, got {type(source).__name__}: {source!r}"
@@ -320,15 +483,19 @@ def load_data(source=None, *, small: bool = False, cache_dir=None, tfds_data_dir
     path = path.resolve()
     lower = path.name.lower()
     if path.is_dir():
+        if _cifar_python_root(path) is not None:
+            return _load_cifar_python(path)
         return _load_folder_tree(path, source=str(path))
     if lower.endswith(".npz"):
         return _load_npz(path)
+    if _is_cifar_python_archive(path):
+        return _load_cifar_python(path)
     if lower.endswith(_ARCHIVE_SUFFIXES):
         tree = unpack_archive(path, cache_dir=cache_dir)
         return _load_folder_tree(tree, source=str(path))
     raise ValueError(
         f"source={str(source)!r}: unsupported file type; expected a folder, an .npz, "
-        f"or one of {_ARCHIVE_SUFFIXES}"
+        f"CIFAR-10's python release, or one of {_ARCHIVE_SUFFIXES}"
     )
 
 
@@ -336,8 +503,9 @@ def _load_tfds(name: str, data_dir=None) -> ImageData:
     prepared, description = _tfds_status(name, data_dir)
     if not prepared:
         raise DataNotFoundError(
-            f"TFDS data set {name!r} is {description}; this machine does not download data. "
-            f"Prepare it elsewhere and copy it into the TFDS data folder, or: {_HOW_TO_POINT}"
+            f"TFDS data set {name!r} is {description}; a TFDS name is only read once prepared "
+            f"(tfds.load({name!r}) prepares it, online). Without a source, the recipes "
+            f"download CIFAR-10 themselves; or: {_HOW_TO_POINT}"
         )
     import tensorflow_datasets as tfds
 
@@ -374,6 +542,128 @@ def _load_npz(path: Path) -> ImageData:
         num = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0))) + 1
         names = [str(i) for i in range(num)]
     return ImageData(class_names=tuple(str(n) for n in names), source=str(path), **arrays)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Loads pickles of dicts, lists, bytes and NumPy arrays, and refuses anything else: a
+    pickle can otherwise run arbitrary code, and downloads are data, not programs."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        # How Python 3 writes bytes at pickle protocol 2 (Python 2's, CIFAR's): a pure function.
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            # NumPy 2 moved numpy.core to numpy._core (the old name warns); pickles of NumPy 1
+            # arrays, like CIFAR-10's, still name it.
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
+def _cifar_python_root(path: Path):
+    """The folder holding CIFAR-10's python batches: ``path`` or its one sub-folder, or None."""
+    if (path / _CIFAR_PY_BATCHES[0]).is_file():
+        return path
+    subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if len(subdirs) == 1 and (subdirs[0] / _CIFAR_PY_BATCHES[0]).is_file():
+        return subdirs[0]
+    return None
+
+
+def _is_cifar_python_archive(path: Path) -> bool:
+    """Whether ``path`` is a tar archive of CIFAR-10's python batches, judged by its first
+    few members (the real archive's second member is a batch), so a large archive of
+    another kind is not read through."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for _, member in zip(range(4), tar):
+                if member.isfile() and Path(member.name).name in _CIFAR_PY_BATCHES:
+                    return True
+    except (tarfile.TarError, EOFError, OSError):
+        return False
+    return False
+
+
+def _unpickle(blob: bytes, where: str) -> dict:
+    try:
+        # encoding="bytes": the batches were pickled by Python 2; their keys stay bytes.
+        value = _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except Exception as err:
+        raise ValueError(f"{where}: not a CIFAR-10 python batch: {_one_line(err)}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: not a CIFAR-10 python batch: a {type(value).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in value.items()}
+
+
+def _cifar_batch_arrays(batch: dict, where: str):
+    """(uint8 images (N, 32, 32, 3), int32 labels (N,)) of one unpickled CIFAR batch."""
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or labels is None:
+        raise ValueError(f"{where}: a CIFAR-10 python batch needs 'data' and 'labels' entries, "
+                         f"got {sorted(batch)}")
+    labels = np.asarray(labels)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{where}: 'data' must be uint8 (N, 3072), got {data.dtype} "
+                         f"{data.shape}")
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: 'labels' must be {len(data)} integers, got {labels.dtype} "
+                         f"{labels.shape}")
+    # Each row is the red plane, then green, then blue, each 32x32 in row-major order.
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _load_cifar_python(path: Path) -> ImageData:
+    """Reads CIFAR-10's python release from its archive (without unpacking) or folder."""
+    wanted = set(_CIFAR_PY_BATCHES) | {_CIFAR_PY_META}
+    blobs = {}
+    if path.is_dir():
+        root = _cifar_python_root(path)
+        for name in wanted:
+            if (root / name).is_file():
+                blobs[name] = (root / name).read_bytes()
+    else:
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:
+                    name = Path(member.name).name
+                    if member.isfile() and name in wanted and name not in blobs:
+                        blobs[name] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise ValueError(f"source={str(path)!r} could not be read: {_one_line(err)}") from err
+    missing = [name for name in _CIFAR_PY_BATCHES if name not in blobs]
+    if missing:
+        raise ValueError(
+            f"source={str(path)!r}: CIFAR-10's python release lacks {missing} (it has "
+            f"{sorted(blobs)})"
+        )
+    parts = {
+        name: _cifar_batch_arrays(_unpickle(blobs[name], f"{path}: {name}"), f"{path}: {name}")
+        for name in _CIFAR_PY_BATCHES
+    }
+    train = [parts[name] for name in _CIFAR_PY_BATCHES[:-1]]
+    num_classes = 1 + max(int(y.max(initial=0)) for _, y in parts.values())
+    names = [str(i) for i in range(num_classes)]
+    if _CIFAR_PY_META in blobs:
+        meta = _unpickle(blobs[_CIFAR_PY_META], f"{path}: {_CIFAR_PY_META}")
+        label_names = meta.get("label_names")
+        if label_names:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in label_names]
+    return ImageData(
+        x_train=np.concatenate([x for x, _ in train]),
+        y_train=np.concatenate([y for _, y in train]),
+        x_test=parts["test_batch"][0],
+        y_test=parts["test_batch"][1],
+        class_names=tuple(names),
+        source=str(path),
+    )
 
 
 def _find_tree_root(root: Path) -> Path:

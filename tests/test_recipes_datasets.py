@@ -4,8 +4,11 @@ Everything here is small and offline: tiny image trees and archives are written 
 and only the shared cifar10-small.npz (8.6 MB) is read from the shared data folder.
 """
 
+import hashlib
 import importlib.util
+import io
 import os
+import pickle
 import sys
 import tarfile
 from pathlib import Path
@@ -88,13 +91,80 @@ def _denormalize(images):
 
 @pytest.fixture
 def no_default_sources(monkeypatch, tmp_path):
-    """No $KERAS_NORM_DATA, an empty shared folder, and no tensorflow_datasets."""
+    """No $KERAS_NORM_DATA, an empty shared folder, no tensorflow_datasets, an empty Keras
+    cache, downloads turned off, and an origin that can only fail, without the network, should
+    a test turn downloads on: no test here can download CIFAR-10 for real."""
     empty = tmp_path / "empty_shared"
     empty.mkdir()
     monkeypatch.delenv(datasets.DATA_ENV_VAR, raising=False)
     monkeypatch.setattr(datasets, "shared_data_dir", lambda: empty)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now fails
+    (tmp_path / "keras_home").mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv(datasets.DOWNLOAD_ENV_VAR, "0")
+    monkeypatch.setattr(datasets, "CIFAR10_URL", (tmp_path / "no_such_origin.tar.gz").as_uri())
     return empty
+
+
+def _cifar_python_batches(counts=(3, 2, 4, 1, 2), test_count=3, seed=0):
+    """Images, labels and pickles in the layout of CIFAR-10's python release: per batch a dict
+    with bytes keys, b"data" uint8 (N, 3072) rows of R, G, B planes and b"labels" a list."""
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    images, labels, pickles = {}, {}, {}
+    for name, count in zip(names, list(counts) + [test_count]):
+        x = rng.integers(0, 256, size=(count, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, size=count)
+        images[name], labels[name] = x, y
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in y],
+                 b"data": x.transpose(0, 3, 1, 2).reshape(count, 3072),
+                 b"filenames": [f"{i}.png".encode() for i in range(count)]}
+        pickles[name] = pickle.dumps(batch, protocol=2)
+    meta = {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072}
+    pickles["batches.meta"] = pickle.dumps(meta, protocol=2)
+    return images, labels, pickles
+
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+
+
+def _write_cifar_python_archive(path, pickles, skip=()):
+    """A cifar-10-python.tar.gz: its folder, then the batches in the real archive's order."""
+    order = ("data_batch_4", "test_batch", "data_batch_3", "batches.meta", "data_batch_2",
+             "data_batch_5", "data_batch_1")
+    with tarfile.open(path, "w:gz") as tar:
+        folder = tarfile.TarInfo("cifar-10-batches-py")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name in order:
+            if name in skip:
+                continue
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(pickles[name])
+            tar.addfile(info, io.BytesIO(pickles[name]))
+    return path
+
+
+def _expected_cifar(images, labels):
+    train = [f"data_batch_{i}" for i in range(1, 6)]
+    return (np.concatenate([images[n] for n in train]), np.concatenate([labels[n] for n in train]),
+            images["test_batch"], labels["test_batch"])
+
+
+@pytest.fixture
+def fake_cifar_origin(tmp_path, monkeypatch, no_default_sources):
+    """No local source, downloads allowed, and CIFAR10_URL serving a small archive in the real
+    format (a file:// URL, so keras.utils.get_file runs for real without a network)."""
+    images, labels, pickles = _cifar_python_batches()
+    (tmp_path / "origin").mkdir()
+    archive = _write_cifar_python_archive(tmp_path / "origin" / "cifar-10-python.tar.gz", pickles)
+    monkeypatch.setattr(datasets, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(datasets, "CIFAR10_SHA256",
+                        hashlib.sha256(archive.read_bytes()).hexdigest())
+    monkeypatch.delenv(datasets.DOWNLOAD_ENV_VAR)
+    cached = tmp_path / "keras_home" / "datasets" / datasets.CIFAR10_CACHE_NAME
+    return archive, cached, _expected_cifar(images, labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,12 +341,167 @@ def test_not_found_error_message(no_default_sources):
         datasets.load_data()
     assert isinstance(info.value, ValueError)
     message = str(info.value)
+    assert message.startswith("No image data found. Looked at: ")
     assert "--data PATH" in message and "KERAS_NORM_DATA" in message
     assert str(no_default_sources / datasets.SHARED_FULL_NAME) in message
     assert "tensorflow_datasets is not installed" in message
+    assert "no CIFAR-10 download in the Keras cache" in message
+    assert "downloading is turned off ($KERAS_NORM_DOWNLOAD='0' or --no-download)" in message
+    with pytest.raises(datasets.DataNotFoundError, match=r"turned off \(download=False\)"):
+        datasets.load_data(download=False)
 
     with pytest.raises(datasets.DataNotFoundError, match="--data PATH"):
         datasets.load_data("cifar10")
+
+
+def test_download_through_keras_get_file(fake_cifar_origin, capsys):
+    """Discovery's last step downloads CIFAR-10 into the Keras cache with a progress bar and
+    one line saying where it went; the next run finds it there without downloading."""
+    origin, cached, (x_train, y_train, x_test, y_test) = fake_cifar_origin
+    data = datasets.load_data()
+    out = capsys.readouterr().out
+    assert f"Downloading data from {origin.as_uri()}" in out  # keras.utils.get_file's own line
+    assert f"CIFAR-10 downloaded to {cached} (0 MB)" in out
+    assert cached.read_bytes() == origin.read_bytes()
+    assert data.source == str(cached) and data.class_names == CIFAR10_NAMES
+    np.testing.assert_array_equal(data.x_train, x_train)
+    np.testing.assert_array_equal(data.y_train, y_train)
+    np.testing.assert_array_equal(data.x_test, x_test)
+    np.testing.assert_array_equal(data.y_test, y_test)
+
+    origin.unlink()  # the origin is gone: the cached copy is a local source now
+    for download in (None, False):
+        assert datasets.find_source(download=download) == str(cached)
+    assert "Downloading" not in capsys.readouterr().out
+
+    cached.write_bytes(b"truncated")  # a damaged cached copy is not used, and is replaced
+    with pytest.raises(datasets.DataNotFoundError, match="the download failed: .*URL fetch"):
+        datasets.find_source()
+    assert not cached.exists()
+
+
+def test_offline_download_is_a_clear_error(fake_cifar_origin, monkeypatch):
+    origin, cached, _ = fake_cifar_origin
+    origin.unlink()  # what an offline machine sees: the fetch fails
+    with pytest.raises(datasets.DataNotFoundError) as info:
+        datasets.load_data()
+    message = str(info.value)
+    assert message.startswith("No image data found. Looked at: ")
+    assert f"(5) the download failed: Exception: URL fetch failure on {origin.as_uri()}" in message
+    assert "--data PATH" in message and "\n" not in message
+    assert not cached.exists()
+
+
+def test_download_with_a_wrong_hash_leaves_nothing(fake_cifar_origin, monkeypatch):
+    _, cached, _ = fake_cifar_origin
+    monkeypatch.setattr(datasets, "CIFAR10_SHA256", "0" * 64)
+    with pytest.raises(datasets.DataNotFoundError, match="download failed: ValueError: .*hash"):
+        datasets.find_source()
+    assert not cached.exists()
+
+
+def test_download_has_a_timeout(no_default_sources, monkeypatch):
+    """A network that drops packets ends in the clear error, not in a wait without end."""
+    import socket
+
+    import keras
+
+    seen = []
+
+    def stalled_get_file(**kwargs):
+        seen.append((socket.getdefaulttimeout(), kwargs["fname"], kwargs["cache_subdir"]))
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(keras.utils, "get_file", stalled_get_file)
+    before = socket.getdefaulttimeout()
+    expected = r"\(5\) the download failed: TimeoutError: timed out\. Point at"
+    with pytest.raises(datasets.DataNotFoundError, match=expected):
+        datasets.find_source(download=True)
+    assert seen == [(60.0, datasets.CIFAR10_CACHE_NAME, "datasets")]
+    assert socket.getdefaulttimeout() == before
+
+
+def test_download_switch(monkeypatch):
+    for value, expected in (("", True), ("1", True), ("Yes", True), ("0", False),
+                            (" off ", False), ("FALSE", False)):
+        monkeypatch.setenv(datasets.DOWNLOAD_ENV_VAR, value)
+        assert datasets.download_enabled() is expected, value
+        assert datasets.download_enabled(not expected) is (not expected)
+    monkeypatch.setenv(datasets.DOWNLOAD_ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="KERAS_NORM_DOWNLOAD='sometimes'"):
+        datasets.download_enabled()
+    with pytest.raises(ValueError, match="download must be True, False or None, got 1"):
+        datasets.download_enabled(1)
+
+
+def test_keras_cache_dir_follows_keras_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    assert datasets.keras_cache_dir() == Path("/tmp/.keras")  # not there: Keras's fallback
+    assert datasets.keras_cache_dir(create=True) == tmp_path / "kh"
+    monkeypatch.delenv("KERAS_HOME")
+    assert datasets.keras_cache_dir() == Path.home() / ".keras"
+
+
+def test_cifar_python_release_archive_and_folder(tmp_path):
+    images, labels, pickles = _cifar_python_batches(seed=1)
+    x_train, y_train, x_test, y_test = _expected_cifar(images, labels)
+    archive = _write_cifar_python_archive(tmp_path / "any-name.bin", pickles)
+    folder = tmp_path / "unpacked" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, blob in pickles.items():
+        (folder / name).write_bytes(blob)
+    for source in (archive, tmp_path / "unpacked", tmp_path / "unpacked" / "cifar-10-batches-py"):
+        data = datasets.load_data(source)
+        assert data.class_names == CIFAR10_NAMES and data.x_train.dtype == np.uint8
+        np.testing.assert_array_equal(data.x_train, x_train)
+        np.testing.assert_array_equal(data.y_train, y_train)
+        np.testing.assert_array_equal(data.x_test, x_test)
+        np.testing.assert_array_equal(data.y_test, y_test)
+
+    # Without batches.meta the classes are numbered.
+    no_meta = _write_cifar_python_archive(tmp_path / "no_meta.tar.gz", pickles,
+                                          skip=("batches.meta",))
+    assert datasets.load_data(no_meta).class_names == tuple(
+        str(i) for i in range(1 + max(y_train.max(), y_test.max())))
+
+
+def test_cifar_python_release_errors(tmp_path):
+    _, _, pickles = _cifar_python_batches()
+    missing = _write_cifar_python_archive(tmp_path / "m.tar.gz", pickles, skip=("data_batch_1",))
+    with pytest.raises(ValueError, match=r"lacks \['data_batch_1'\]"):
+        datasets.load_data(missing)
+
+    # A pickle that would run code is refused, not loaded.
+    evil = dict(pickles, data_batch_2=pickle.dumps({b"data": os.getcwd}, protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_2: not a CIFAR-10 python batch: "
+                                         r"UnpicklingError: refusing to load posix.getcwd"):
+        datasets.load_data(_write_cifar_python_archive(tmp_path / "e.tar.gz", evil))
+
+    bad = dict(pickles, test_batch=pickle.dumps(
+        {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2))
+    with pytest.raises(ValueError, match=r"test_batch: 'data' must be uint8 \(N, 3072\)"):
+        datasets.load_data(_write_cifar_python_archive(tmp_path / "b.tar.gz", bad))
+
+
+def test_cifar_recipe_offline_exits_2_with_one_line(fake_cifar_origin, tmp_path, capsys,
+                                                    monkeypatch):
+    """`python -m recipes.cifar` on a machine with no local data and no network."""
+    from recipes import cifar
+
+    origin, _, _ = fake_cifar_origin
+    origin.unlink()
+    # TFDS is installed (the recipes extra) but has no prepared data.
+    monkeypatch.delitem(sys.modules, "tensorflow_datasets")
+    monkeypatch.setattr(datasets, "_tfds_status", lambda name, data_dir=None: (False, "absent"))
+    status = cifar.main(["--output", str(tmp_path / "run"), "--epochs", "1", "--verbose", "0"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("python -m recipes.cifar: error: No image data found. Looked at: ")
+    assert "the download failed: Exception: URL fetch failure" in err
+
+    status = cifar.main(["--output", str(tmp_path / "run"), "--no-download", "--verbose", "0"])
+    err = capsys.readouterr().err
+    assert status == 2 and "(5) downloading is turned off" in err, err
 
 
 def test_tfds_not_prepared_is_a_clear_error(tmp_path):
