@@ -69,17 +69,50 @@ def _flags(**kwargs):
 # Scale: CPU-sized subsets of the shared CIFAR-10 JPEG copy (class-balanced training subsets;
 # 2,000 class-balanced test images), stated beside every table.
 
+BATCH_STRUCTURE_SEEDS = (0, 1)
+# The recipe of issue #16's measurement: no augmentation, SGD at a constant 0.02 (--lr is the
+# rate at batch 128: 0.256 x 10/128 = 0.02) with momentum 0.9 and no weight decay.
+BATCH_STRUCTURE_RECIPE = dict(augment=False, lr=0.256, schedule="constant", weight_decay=0.0)
+# The earlier recipe of this experiment (augmentation, lr 0.1 x 10/128 = 0.0078 with a cosine
+# decay, weight decay 5e-4): the ablations swap its settings in one at a time.
+BATCH_STRUCTURE_ABLATIONS = (
+    ("cosine", "+ cosine decay of the lr", dict(schedule="cosine")),
+    ("augment", "+ augmentation", dict(augment=True)),
+    ("earlier-recipe", "earlier recipe (augmentation, lr 0.0078 cosine, wd 5e-4)",
+     dict(augment=True, lr=0.1, schedule="cosine", weight_decay=5e-4)),
+    ("lr0.0078", "lr 0.0078 instead of 0.02", dict(lr=0.1)),
+    ("5000-images", "5,000 training images", dict(train_size=5000)),
+)
+
+
+def _batch_structure_flags(recipe, seed, training, head):
+    recipe = dict(BATCH_STRUCTURE_RECIPE, **recipe)
+    args = _flags(model="small_cnn", train_size=recipe.pop("train_size", 10000),
+                  test_size=2000, epochs=10, batch_size=10, seed=seed, head_norm=head,
+                  eval="population,recomputed,batch,balanced,pseudo_balanced,assignment")
+    if not recipe.pop("augment"):
+        args += ("--no-augment",)
+    args += _flags(**recipe)
+    if training == "balanced":
+        args += _flags(batch_structure="balanced", examples_per_class=1)
+    return args
+
+
 def _batch_structure_runs():
-    common = _flags(model="small_cnn", train_size=5000, test_size=2000, epochs=20, seed=0,
-                    eval="population,batch,balanced,pseudo_balanced")
+    # The grid (head norm x training batches x seed) first, then the ablations (seed 0, no
+    # head norm, balanced training), so an interrupted experiment has the grid.
     runs = []
-    for k in (1, 4):
-        batch = 10 * k
-        runs.append(Run(f"random-b{batch}", common + _flags(batch_size=batch),
-                        {"training": "random", "k": k, "batch": batch}))
-        balanced = _flags(batch_structure="balanced", examples_per_class=k)
-        runs.append(Run(f"balanced-k{k}", common + balanced,
-                        {"training": "balanced", "k": k, "batch": batch}))
+    for seed in BATCH_STRUCTURE_SEEDS:
+        for head in ("none", "batch"):
+            for training in ("balanced", "random"):
+                runs.append(Run(f"{training}-head_{head}-seed{seed}",
+                                _batch_structure_flags({}, seed, training, head),
+                                {"training": training, "head": head, "seed": seed,
+                                 "recipe": "issue"}))
+    for name, label, change in BATCH_STRUCTURE_ABLATIONS:
+        runs.append(Run(f"ablation-{name}-balanced-head_none-seed0",
+                        _batch_structure_flags(change, 0, "balanced", "none"),
+                        {"training": "balanced", "head": "none", "seed": 0, "recipe": label}))
     return tuple(runs)
 
 
@@ -218,33 +251,100 @@ def _save(figure, path):
     _pyplot().close(figure)
 
 
+BATCH_STRUCTURE_MODES = (
+    ("population", "population statistics"),
+    ("recomputed", "population statistics recomputed after training"),
+    ("batch", "random test batches, own statistics"),
+    ("balanced", "conditional: balanced by the labels, own statistics"),
+    ("pseudo_balanced", "pseudo-balanced by argmax, own statistics"),
+    ("assignment:alone", "class-prior assignment alone (no batch statistics)"),
+    ("assignment", "assignment batches, own statistics"),
+)
+
+
+def _batch_structure_accuracy(results, mode):
+    """Test accuracy of a mode; `"assignment:alone"` is the assignment's own accuracy."""
+    evaluation = results["evaluation"]
+    if mode == "assignment:alone":
+        return evaluation.get("assignment", {}).get("assignment_accuracy")
+    return evaluation.get(mode, {}).get("accuracy")
+
+
+def _cell(values):
+    values = [v for v in values if v is not None]
+    return _mean_spread(values) if values else "—"
+
+
 def _summarize_batch_structure(pairs, plot_path):
-    modes = ("population", "batch", "balanced", "pseudo_balanced")
-    header = ("| training batches | batch | population | random test batches | balanced test "
-              "batches (conditional) | pseudo-balanced (no labels) |")
-    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    rows = []
+    modes = [mode for mode, _ in BATCH_STRUCTURE_MODES]
+    header = ("| head norm | training batches | seeds | " + " | ".join(
+        label for _, label in BATCH_STRUCTURE_MODES)
+        + " | conditional gain over population | over recomputed |")
+    lines = [header, "| --- | --- | ---: |" + " ---: |" * (len(modes) + 2)]
+    grid, rows = {}, []
     for run, results in pairs:
-        errors = [100 * (1 - results["evaluation"][m]["accuracy"])
-                  if m in results["evaluation"] else float("nan") for m in modes]
-        label = (f"balanced, k={run.fields['k']} per class" if run.fields["training"] ==
-                 "balanced" else "random")
-        rows.append((label, run.fields["batch"], errors))
-        lines.append(f"| {label} | {run.fields['batch']} | "
-                     + " | ".join(f"{e:.2f}" for e in errors) + " |")
-    lines += ["", "Test error (%) of each training run under each evaluation mode; seed 0, one "
-              "run each. " + _scale(pairs) + "."]
+        if run.fields["recipe"] == "issue":
+            grid.setdefault((run.fields["head"], run.fields["training"]), []).append(results)
+    for (head, training), runs in grid.items():
+        accuracies = {m: [_batch_structure_accuracy(r, m) for r in runs] for m in modes}
+        gains = [[b - a for a, b in zip(accuracies[base], accuracies["balanced"])
+                  if a is not None and b is not None] for base in ("population", "recomputed")]
+        label = "balanced, k=1" if training == "balanced" else "random"
+        lines.append(f"| {head} | {label} | {len(runs)} | "
+                     + " | ".join(_cell(accuracies[m]) for m in modes)
+                     + " | " + " | ".join(_cell(g) for g in gains) + " |")
+        rows.append((f"head {head}\n{label}", accuracies))
+    seeds = sorted({run.fields["seed"] for run, _ in pairs if run.fields["recipe"] == "issue"})
+    grid_pairs = [(run, r) for run, r in pairs if run.fields["recipe"] == "issue"]
+    lines += ["", "Test accuracy (%), mean ± sample std over seeds "
+              f"{', '.join(map(str, seeds))} (± 0.00: one seed). Batch 10 in training and in "
+              "every batch-statistics evaluation (balanced: one image per class). "
+              + _scale(grid_pairs) + "; no augmentation, SGD at a constant 0.02 with momentum "
+              "0.9, no weight decay. Recomputed: the moving averages replaced after training "
+              "by the equal-weight average over 200 training batches (`--eval recomputed`). The "
+              "conditional gain is conditional minus population accuracy (moving or "
+              "recomputed statistics), in points."]
+    ablations = [(run, r) for run, r in pairs if run.fields["recipe"] != "issue"]
+    if ablations:
+        reference = [(run, r) for run, r in grid_pairs if run.fields["seed"] == 0
+                     and run.fields["head"] == "none" and run.fields["training"] == "balanced"]
+        lines += ["", "Why the earlier recipe showed less: seed 0, no head norm, balanced "
+                  "training, one setting changed at a time (test accuracy, %):", "",
+                  "| recipe | population | recomputed | random test batches | conditional | "
+                  "conditional gain | pseudo-balanced (argmax) | assignment alone | assignment "
+                  "batches |", "| --- |" + " ---: |" * 8]
+        for run, results in reference + ablations:
+            label = ("the recipe above" if run.fields["recipe"] == "issue"
+                     else run.fields["recipe"])
+            values = [_batch_structure_accuracy(results, m) for m in
+                      ("population", "recomputed", "batch", "balanced")]
+            gain = (f"{100 * (values[3] - values[0]):+.2f}" if None not in values[::3]
+                    else "—")
+            rest = [_batch_structure_accuracy(results, m) for m in
+                    ("pseudo_balanced", "assignment:alone", "assignment")]
+            lines.append(f"| {label} | " + " | ".join(
+                f"{100 * v:.2f}" if v is not None else "—" for v in values)
+                + f" | {gain} | " + " | ".join(
+                f"{100 * v:.2f}" if v is not None else "—" for v in rest) + " |")
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(9, 4))
+    figure, axis = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(modes)
-    for index, mode in enumerate(modes):
-        axis.bar([i + index * width for i in range(len(rows))], [r[2][index] for r in rows],
-                 width, label=mode)
+    for index, (mode, label) in enumerate(BATCH_STRUCTURE_MODES):
+        means, low, high = [], [], []
+        for _, accuracies in rows:
+            values = [100 * v for v in accuracies[mode] if v is not None]
+            mean = statistics.mean(values) if values else 0.0
+            means.append(mean)
+            low.append(mean - min(values, default=mean))
+            high.append(max(values, default=mean) - mean)
+        axis.bar([i + index * width for i in range(len(rows))], means, width, label=label,
+                 yerr=[low, high], capsize=2)
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-    axis.set_xticklabels([f"{label}\n(batch {batch})" for label, batch, _ in rows])
-    axis.set_ylim(0, 1.4 * max(max(r[2]) for r in rows))  # room for the legend
-    _label(axis, "", "Batch structure: training batches x evaluation statistics",
-           ylabel="test error (%)", grid="y", legend_title="evaluation")
+    axis.set_xticklabels([label for label, _ in rows])
+    axis.set_ylim(0, 100)  # room for the legend above the bars
+    _label(axis, "", "Batch structure: head norm x training batches x evaluation "
+           "(bars: min-max over seeds)", grid="y", legend_title="evaluation")
+    axis.legend(title="evaluation", fontsize=7, ncol=2, loc="upper left")
     _save(figure, plot_path)
     return lines
 
@@ -518,6 +618,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from recipes import cli
+
+    cli.require_recipes_extra("python -m recipes.experiments")
     args = parse_args(argv)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
@@ -531,8 +634,13 @@ def main(argv=None):
         print(f"{experiment.title}: {len(experiment.runs)} runs in {args.output / name}",
               flush=True)
         if args.summarize_only:
-            pairs = [(run, json.loads((args.output / name / run.name / "results.json")
-                                      .read_text())) for run in experiment.runs]
+            paths = [(run, args.output / name / run.name / "results.json")
+                     for run in experiment.runs]
+            missing = [run.name for run, path in paths if not path.exists()]
+            if missing:
+                print(f"  not finished, left out: {', '.join(missing)}", flush=True)
+            pairs = [(run, json.loads(path.read_text())) for run, path in paths
+                     if path.exists()]
             wall, trained = None, 0
         else:
             pairs, trained = run_experiment(experiment, args.output, args.jobs)

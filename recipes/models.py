@@ -31,6 +31,14 @@ Where a normalization goes, by its registry kind (``keras_norm.spec(name).kind``
 
 A position without a normalization is ``Conv2D(use_bias=True) -> ReLU``.
 
+Head normalization (``head_norm``): a normalization of the classifier's output, between the
+last Dense and the softmax (``Dense -> norm -> logits``), e.g. ``head_norm="batch"``. With
+batch norm there, each class's logit is standardized across the batch, so the scores of a
+batch's images are ranked against each other class by class; on class-balanced batches that
+is what lets batch statistics carry the class structure (experiment 1 of EXPERIMENTS.md).
+Only layers that accept a ``(batch, classes)`` input fit there (kinds ``"norm"`` and
+``"norm_act"``); the default ``None`` adds no layer at all.
+
 Placement (``placement``): ``"all"`` puts the norm at every position, ``"first"`` at the first
 position only (one normalization early, the "too much BN may hurt" question), ``"none"``
 nowhere; a list of 1-based positions (``[2]`` or ``"2,4"``) puts it exactly there. Positions
@@ -161,8 +169,11 @@ class _Builder:
         return _relu(f"{name}_relu")(x)
 
 
-def _classifier(x, num_classes):
+def _classifier(x, num_classes, head=None):
     x = keras.layers.Dense(num_classes, name="logits")(x)
+    if head is not None:
+        spec, kwargs = head
+        x = spec.build(channels=num_classes, name="logits_norm", **kwargs)(x)
     # Logits in float32 under a mixed-precision policy, so the softmax loss is computed stably.
     return keras.layers.Activation("linear", dtype="float32", name="logits_float32")(x)
 
@@ -186,7 +197,7 @@ def _shortcut_option_a(x, filters, strides, name):
     return x
 
 
-def _resnet20(inputs, builder, num_classes):
+def _resnet20(inputs, builder, num_classes, head):
     x = builder.conv_unit(inputs, 16, 3, name="stem")
     for stage, filters in enumerate((16, 32, 64), start=1):
         for block in range(1, 4):
@@ -198,10 +209,10 @@ def _resnet20(inputs, builder, num_classes):
             x = keras.layers.Add(name=f"{prefix}_add")([shortcut, y])
             x = _relu(f"{prefix}_out")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return _classifier(x, num_classes)
+    return _classifier(x, num_classes, head)
 
 
-def _mn_cnn(inputs, builder, num_classes):
+def _mn_cnn(inputs, builder, num_classes, head):
     x = inputs
     for index, filters in enumerate((64, 128, 128, 256), start=1):
         x = builder.conv_unit(x, filters, 5, name=f"conv{index}")
@@ -209,17 +220,17 @@ def _mn_cnn(inputs, builder, num_classes):
             x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name=f"pool{index}")(x)
     # 4x4 average pooling of the 4x4 maps (for 32x32 inputs), as in the reproduction.
     x = keras.layers.GlobalAveragePooling2D(name="pool4")(x)
-    return _classifier(x, num_classes)
+    return _classifier(x, num_classes, head)
 
 
-def _small_cnn(inputs, builder, num_classes):
+def _small_cnn(inputs, builder, num_classes, head):
     x = inputs
     for index, filters in enumerate((32, 64, 128), start=1):
         x = builder.conv_unit(x, filters, 3, name=f"conv{index}")
         if index < 3:
             x = keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return _classifier(x, num_classes)
+    return _classifier(x, num_classes, head)
 
 
 _BUILDERS = {"resnet20": _resnet20, "mn_cnn": _mn_cnn, "small_cnn": _small_cnn}
@@ -228,7 +239,8 @@ _POSITIONS = {"resnet20": 19, "mn_cnn": 4, "small_cnn": 3}
 
 
 def build_model(name, norm="batch", norm_kwargs=None, placement="all", num_classes=10,
-                input_shape=(32, 32, 3), other_norm=None, other_norm_kwargs=None):
+                input_shape=(32, 32, 3), other_norm=None, other_norm_kwargs=None,
+                head_norm=None, head_norm_kwargs=None):
     """Builds a functional CIFAR model with the chosen normalization.
 
     Args:
@@ -244,10 +256,21 @@ def build_model(name, norm="batch", norm_kwargs=None, placement="all", num_class
         other_norm: Normalization at the positions `placement` does not select, or `None`
             for none. Defaults to `None`.
         other_norm_kwargs: Keyword arguments for `other_norm` layers. Defaults to `None`.
+        head_norm: Normalization between the classifier's Dense and the logits (a registered
+            name of kind `"norm"` or `"norm_act"`), or `None`/`"none"` for none. Defaults to
+            `None`.
+        head_norm_kwargs: Keyword arguments for the `head_norm` layer. Defaults to `None`.
 
     Returns:
         A `keras.Model` from images to float32 logits, named after its configuration. Norm
-        layers are named `<position>_norm`.
+        layers are named `<position>_norm` (the head norm `logits_norm`).
+
+    Example:
+
+    >>> from recipes.models import build_model
+    >>> model = build_model("small_cnn", norm="batch", head_norm="batch")
+    >>> [layer.name for layer in model.layers if layer.name.endswith("_norm")]
+    ['conv1_norm', 'conv2_norm', 'conv3_norm', 'logits_norm']
 
     Raises:
         ValueError: For an unknown model or normalization name (the registry's message lists
@@ -261,11 +284,34 @@ def build_model(name, norm="batch", norm_kwargs=None, placement="all", num_class
         raise ValueError(f"build_model: `num_classes` must be a positive int. "
                          f"Received: num_classes={num_classes!r}")
     plan = _NormPlan(norm, norm_kwargs, placement, other_norm, other_norm_kwargs)
+    head = resolve_head_norm(head_norm, head_norm_kwargs)
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    outputs = _BUILDERS[name](inputs, _Builder(plan), num_classes)
+    outputs = _BUILDERS[name](inputs, _Builder(plan), num_classes, head)
     plan.check_complete(name)
     label = keras_norm.spec(norm).name
+    if head is not None:
+        label += f"_head_{head[0].name}"
     return keras.Model(inputs, outputs, name=f"{name}_{label}")
+
+
+def resolve_head_norm(head_norm, head_norm_kwargs=None):
+    """`(spec, kwargs)` of a head normalization name, or `None` for `None`/`"none"`.
+
+    Raises:
+        ValueError: For an unknown name (the registry's message lists the valid ones) or a
+            `conv_wrapper` norm, which needs a convolution to wrap.
+    """
+    if head_norm is None:
+        return None
+    spec = keras_norm.spec(head_norm)
+    if spec.name == "none":
+        return None
+    if spec.kind not in ("norm", "norm_act"):
+        raise ValueError(f"build_model: `head_norm` must be a norm that takes the classifier's "
+                         f"(batch, classes) output (kind 'norm' or 'norm_act'); {spec.name!r} "
+                         f"is a {spec.kind!r} and needs a convolution. "
+                         f"Received: head_norm={head_norm!r}")
+    return spec, dict(head_norm_kwargs or {})
 
 
 def norm_positions(name):

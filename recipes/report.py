@@ -14,6 +14,7 @@ MODE_LABELS = {
     "batch": "random test batches, own statistics",
     "balanced": "class-balanced test batches (labels), own statistics",
     "pseudo_balanced": "balanced by predicted labels, own statistics",
+    "assignment": "balanced by a class-prior assignment (no labels), own statistics",
     "recomputed": "population statistics recomputed after training",
 }
 
@@ -92,6 +93,8 @@ def markdown(results, paths):
                              else "")
     if config["other_norm"]:
         norm += f" (elsewhere: {config['other_norm']})"
+    # Older results.json files have no head_norm: they had none.
+    head = config.get("head_norm") or "none"
     lines = [
         f"# CIFAR run: {config['model']} with {config['norm']}",
         "",
@@ -99,7 +102,8 @@ def markdown(results, paths):
         "| --- | --- |",
         f"| model | {config['model']} ({model['parameters']:,} parameters, "
         f"{len(model['norm_layers'])} norm layers) |",
-        f"| normalization | {norm}, placement {config['placement']} |",
+        f"| normalization | {norm}, placement {config['placement']}; head norm (after the "
+        f"classifier's Dense) {head} |",
         f"| data | {data['source']}: {data['train_images']:,} train / {data['test_images']:,} "
         f"test images, {data['num_classes']} classes |",
         f"| batches | {config['batch_structure']}, global batch {training['global_batch_size']}"
@@ -121,6 +125,9 @@ def markdown(results, paths):
         what = MODE_LABELS.get(mode, mode)
         if "coverage" in metrics:
             what += f" ({_percent(metrics['coverage'])}% of the test images fill such batches)"
+        if "assignment_accuracy" in metrics:
+            what += (f"; the assignment alone is {_percent(metrics['assignment_accuracy'])}% "
+                     "correct")
         lines.append(f"| {mode} | {what} | {_percent(metrics['accuracy'])} | "
                      f"{metrics['loss']:.4f} |")
     for mode, reason in results.get("skipped_evaluation", {}).items():
@@ -161,7 +168,8 @@ def markdown(results, paths):
 def summary(results, paths=None):
     """A few lines for the terminal."""
     config = results["config"]
-    lines = [f"{config['model']} + {config['norm']} ({config['placement']}) on "
+    head = f", head norm {config['head_norm']}" if config.get("head_norm") else ""
+    lines = [f"{config['model']} + {config['norm']} ({config['placement']}{head}) on "
              f"{results['data']['train_images']:,} images, {config['epochs']} epochs, "
              f"{results['seconds']:.0f} s"]
     for mode, metrics in results["evaluation"].items():

@@ -136,20 +136,59 @@ def test_mixture_summary_counts_updates_to_bns_best(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
-def test_batch_structure_summary_reports_error_rates(tmp_path):
+def test_batch_structure_grid_and_ablations():
+    runs = experiments.EXPERIMENTS["batch_structure"].runs
+    grid = [run for run in runs if run.fields["recipe"] == "issue"]
+    assert {(r.fields["head"], r.fields["training"]) for r in grid} == {
+        ("none", "balanced"), ("none", "random"), ("batch", "balanced"), ("batch", "random")}
+    assert len({r.fields["seed"] for r in grid}) >= 2 and len(grid) == 8
+    for run in runs:
+        _, args = cifar.parse_args(list(run.args))
+        config = cifar.to_config(args)
+        assert config.batch_size == 10 and config.epochs == 10 and config.test_size == 2000
+        assert config.head_norm == (None if run.fields["head"] == "none" else "batch")
+        assert set(config.eval_modes) == {"population", "recomputed", "batch", "balanced",
+                                          "pseudo_balanced", "assignment"}
+        assert (config.batch_structure == "balanced") == (run.fields["training"] == "balanced")
+        if run in grid:  # the issue's recipe: 0.02 = 0.256 x 10 / 128, constant, no augment
+            assert (config.augment, config.lr, config.schedule, config.weight_decay,
+                    config.train_size) == (False, 0.256, "constant", 0.0, 10000)
+    reference = cifar.to_config(cifar.parse_args(list(grid[0].args))[1])
+    settings = ("augment", "lr", "schedule", "weight_decay", "train_size")
+    for run in runs[len(grid):]:
+        config = cifar.to_config(cifar.parse_args(list(run.args))[1])
+        changed = [k for k in settings if getattr(config, k) != getattr(reference, k)]
+        assert len(changed) == (4 if "earlier" in run.name else 1), (run.name, changed)
+
+
+def test_batch_structure_summary_means_spreads_and_decomposition(tmp_path):
     experiment = experiments.EXPERIMENTS["batch_structure"]
-    modes = ("population", "batch", "balanced", "pseudo_balanced")
+    modes = ("population", "recomputed", "batch", "balanced", "pseudo_balanced", "assignment")
     pairs = []
-    for index, run in enumerate(experiment.runs):
-        accuracies = {mode: {"accuracy": 0.5 + 0.01 * index + 0.1 * m}
-                      for m, mode in enumerate(modes)}
+    for run in experiment.runs:
+        # Seed s adds 2s points: seeds 0 and 1 give mean +1, sample std 1.41 points.
+        base = 0.4 + 0.02 * run.fields["seed"] + (0.1 if run.fields["head"] == "batch" else 0)
+        accuracies = {mode: {"accuracy": base + 0.05 * m} for m, mode in enumerate(modes)}
+        accuracies["assignment"]["assignment_accuracy"] = base + 0.03
         pairs.append((run, _results(run, [0.5], modes=accuracies)))
     lines = experiment.summarize(pairs, tmp_path / "plot.png")
-    rows = [line for line in lines if line.startswith("| random") or
-            line.startswith("| balanced")]
-    assert len(rows) == len(experiment.runs)
-    # Second run: accuracies 0.51, 0.61, 0.71, 0.81 -> errors 49, 39, 29, 19 percent.
-    assert rows[1].split("|")[3:7] == [" 49.00 ", " 39.00 ", " 29.00 ", " 19.00 "]
+    row = next(line for line in lines if line.startswith("| batch | balanced, k=1 | 2 |"))
+    cells = [cell.strip() for cell in row.split("|")[4:-1]]
+    # head batch, seeds 0/1: population 50 and 52 -> 51.00 ± 1.41; assignment alone +3.
+    assert cells == ["51.00 ± 1.41", "56.00 ± 1.41", "61.00 ± 1.41", "66.00 ± 1.41",
+                     "71.00 ± 1.41", "54.00 ± 1.41", "76.00 ± 1.41", "15.00 ± 0.00",
+                     "10.00 ± 0.00"]
+    ablation_rows = [line for line in lines if line.startswith("| the recipe above")
+                     or line.startswith("| +") or line.startswith("| earlier")
+                     or line.startswith("| lr") or line.startswith("| 5,000")]
+    assert len(ablation_rows) == 1 + len(experiments.BATCH_STRUCTURE_ABLATIONS)
+    assert ablation_rows[0].split("|")[2:10] == [" 40.00 ", " 45.00 ", " 50.00 ", " 55.00 ",
+                                                 " +15.00 ", " 60.00 ", " 43.00 ", " 65.00 "]
+    assert (tmp_path / "plot.png").exists()
+    # With only some runs finished the table has what there is.
+    lines = experiment.summarize(pairs[:3], tmp_path / "plot.png")
+    assert sum(line.startswith("| none |") or line.startswith("| batch |")
+               for line in lines) == 3
 
 
 def test_small_batch_and_population_summaries(tmp_path):
@@ -216,6 +255,25 @@ def test_summarize_writes_the_section_and_the_plot(tmp_path, monkeypatch):
     assert "this command trained 2 of them in 10 minutes wall-clock" in text
     assert text in (tmp_path / "EXPERIMENTS.md").read_text()
     assert (tmp_path / "plots" / "placement.png").exists()
+
+
+def test_summarize_only_leaves_out_unfinished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "MARKDOWN", tmp_path / "EXPERIMENTS.md")
+    monkeypatch.setattr(experiments, "PLOTS", tmp_path / "plots")
+    experiment = experiments.EXPERIMENTS["batch_structure"]
+    modes = ("population", "recomputed", "batch", "balanced", "pseudo_balanced", "assignment")
+    for run in experiment.runs[:3]:
+        folder = tmp_path / "runs" / "batch_structure" / run.name
+        folder.mkdir(parents=True)
+        accuracies = {mode: {"accuracy": 0.5} for mode in modes}
+        accuracies["assignment"]["assignment_accuracy"] = 0.5
+        (folder / "results.json").write_text(json.dumps(_results(run, [0.5],
+                                                                 modes=accuracies)))
+    assert experiments.main(["batch_structure", "--summarize-only", "--output",
+                             str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "not finished, left out: " + experiment.runs[3].name in out
+    assert "Runs: 3," in (tmp_path / "EXPERIMENTS.md").read_text()
 
 
 def test_dry_run_prints_the_commands(capsys):

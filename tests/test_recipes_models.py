@@ -189,3 +189,65 @@ def test_bad_model_and_norm_names():
         models.build_model("small_cnn", norm="btach")
     with pytest.raises(ValueError, match="num_classes"):
         models.build_model("small_cnn", num_classes=0)
+
+
+# ------------------------------------------------------------------------------ head norm
+@pytest.mark.parametrize("name", models.MODELS)
+def test_head_norm_normalizes_each_class_logit_across_the_batch(name):
+    """Dense -> head norm -> logits: in training mode, batch norm there gives every class's
+    logit mean 0 and variance 1 over the batch (gamma 1, beta 0 at initialization)."""
+    model = models.build_model(name, norm="batch", head_norm="batch")
+    order = [layer.name for layer in model.layers]
+    assert order[-3:] == ["logits", "logits_norm", "logits_float32"]
+    assert isinstance(model.get_layer("logits_norm"), keras_norm.BatchNormalization)
+    assert len(_norm_layers(model)) == POSITIONS[name] + 1
+    images = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype("float32")
+    logits = np.asarray(model(images, training=True))
+    dense = np.asarray(keras.Model(model.input, model.get_layer("logits").output)(
+        images, training=True))
+    epsilon = model.get_layer("logits_norm").epsilon
+    expected = (dense - dense.mean(axis=0)) / np.sqrt(dense.var(axis=0) + epsilon)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    np.testing.assert_allclose(logits.mean(axis=0), 0, atol=1e-4)
+    # The plain model's logits are not standardized per class.
+    plain = np.asarray(models.build_model(name, norm="batch")(images, training=True))
+    assert np.abs(plain.mean(axis=0)).max() > 1e-3 or np.abs(plain.var(axis=0) - 1).max() > 0.1
+
+
+def test_no_head_norm_adds_no_layer():
+    names = [layer.name for layer in models.build_model("small_cnn").layers]
+    for head in (None, "none", "None"):
+        model = models.build_model("small_cnn", head_norm=head)
+        assert [layer.name for layer in model.layers] == names
+    assert models.build_model("small_cnn", head_norm="batch").name == "small_cnn_batch_head_batch"
+
+
+def test_every_norm_kind_fits_the_head_except_conv_wrappers():
+    for norm in keras_norm.available():
+        spec = keras_norm.spec(norm)
+        if spec.kind == "conv_wrapper":
+            with pytest.raises(ValueError, match=f"'{spec.name}' is a 'conv_wrapper' and needs "
+                                                 "a convolution"):
+                models.build_model("small_cnn", head_norm=norm)
+            continue
+        model = models.build_model("small_cnn", norm="none", head_norm=norm)
+        assert type(model.get_layer("logits_norm")) is type(spec.build(channels=10)), norm
+        _check_outputs(model)
+
+
+def test_head_norm_kwargs_and_bad_names():
+    model = models.build_model("small_cnn", head_norm="batch",
+                               head_norm_kwargs={"momentum": 0.5})
+    assert model.get_layer("logits_norm").momentum == 0.5
+    with pytest.raises(ValueError, match="Unknown normalization 'btach'. Did you mean 'batch'"):
+        models.build_model("small_cnn", head_norm="btach")
+
+
+def test_head_norm_under_mixed_precision_gives_float32_logits():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = models.build_model("small_cnn", norm="batch", head_norm="batch")
+        assert model.get_layer("logits_norm").compute_dtype == "float16"
+        assert model(IMAGES, training=True).dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
