@@ -39,8 +39,9 @@ local CIFAR-10 copy and tested on all 10,000 test images; a few minutes on a 2-c
 Outputs (checkpoints, logs, results.json, report.md, plots) go to --output.
 
 Data is found, in order: --data / --dataset, $KERAS_NORM_DATA, the shared copy
-../shared/data/cifar10-jpg.tar.gz beside the project, then an already prepared TFDS cifar10.
-Nothing is downloaded.
+../shared/data/cifar10-jpg.tar.gz beside the project, an already prepared TFDS cifar10, a
+CIFAR-10 download in the Keras cache (~/.keras/datasets); failing those, CIFAR-10 (163 MB) is
+downloaded there (not with --no-download or KERAS_NORM_DOWNLOAD=0).
 """
 
 EPILOG = """\
@@ -50,6 +51,7 @@ examples:
   python -m recipes.cifar --norm group --placement first    # one norm, after the first conv
   python -m recipes.cifar --norm batch --norm-kwargs '{"momentum": 0.9}'
   python -m recipes.cifar --preset balanced                 # balanced batches, 1 per class
+  python -m recipes.cifar --preset balanced --head-norm batch --eval population,assignment
   python -m recipes.cifar --preset mn_cnn                   # Mixture Normalization setting
   python -m recipes.cifar --strategy mirrored --cpu-replicas 2 --norm sync_batch
   TF_CONFIG='{"cluster": {"worker": ["host1:2222", "host2:2222"]},
@@ -66,6 +68,8 @@ evaluation modes (--eval):
                    normalized with their own statistics: the "conditional" evaluation of
                    Hajaj & Gillies 2018; k = --examples-per-class, or batch-size / classes
   pseudo_balanced  the same, balanced by the model's own predicted labels (no test labels)
+  assignment       the same, balanced by an optimal class-prior assignment of all test images
+                   (every class gets its share; no test labels)
   recomputed       population statistics recomputed after training as the equal-weight
                    average over --recompute-steps training batches ("precise BN")
   auto (default)   population; plus batch and recomputed for batch-dependent norms; plus
@@ -117,9 +121,16 @@ def build_parser():
                             "as 2 or 1,3")
     group.add_argument("--other-norm", default=None, metavar="NAME",
                        help="norm at the positions --placement leaves out (default: none)")
+    group.add_argument("--head-norm", default="none", metavar="NAME",
+                       help="a normalization after the classifier's Dense, before the softmax "
+                            "(registry names as for --norm, e.g. batch: each class's logit is "
+                            "normalized across the batch). Default: none")
 
     group = parser.add_argument_group("data")
     cli.add_data_source_arguments(group)
+    group.add_argument("--no-download", action="store_true",
+                       help="never download CIFAR-10 when no local copy is found (the same as "
+                            "KERAS_NORM_DOWNLOAD=0): fail with the list of places looked at")
     group.add_argument("--train-size", type=cli.size, default=None, metavar="N",
                        help=f"train on a class-balanced subset of N images; 'all' for every "
                             f"image. Default: {DEFAULT_TRAIN_SIZE:,} (all if fewer)")
@@ -205,6 +216,7 @@ def to_config(args):
     return RunConfig(
         model=args.model, norm=args.norm, norm_kwargs=args.norm_kwargs,
         placement=args.placement, other_norm=args.other_norm,
+        head_norm=None if args.head_norm.strip().lower() == "none" else args.head_norm,
         source=args.data or args.dataset,
         train_size=None if args.train_size in ("all", None) else args.train_size,
         test_size=None if args.test_size == "all" else args.test_size,
@@ -224,7 +236,9 @@ def _check_norms(config):
     from recipes import models
 
     models.check_placement(config.model, config.placement)
-    for name, kwargs in ((config.norm, config.norm_kwargs), (config.other_norm, {})):
+    models.resolve_head_norm(config.head_norm)
+    for name, kwargs in ((config.norm, config.norm_kwargs), (config.other_norm, {}),
+                         (config.head_norm, {})):
         if name is None:
             continue
         spec = keras_norm.spec(name)
@@ -255,6 +269,8 @@ def prepare(argv=None):
         _check_norms(config)
     except (ValueError, TypeError) as err:
         raise training.ConfigError(str(err).splitlines()[0]) from None
+    if args.no_download:  # read by recipes.datasets' discovery (and by any worker we start)
+        os.environ["KERAS_NORM_DOWNLOAD"] = "0"
     data = training.load_images(config.source)
     if args.train_size is None and len(data.y_train) > DEFAULT_TRAIN_SIZE:
         config.train_size = DEFAULT_TRAIN_SIZE
@@ -277,6 +293,7 @@ def prepare(argv=None):
 
 def main(argv=None):
     """Runs the command line; returns the exit status (0 done, 2 bad arguments or data)."""
+    cli.require_recipes_extra("python -m recipes.cifar")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from recipes import report, training
 

@@ -33,12 +33,15 @@ The recipe, in short:
   other workers write their checkpoints into a temporary folder that is removed again (the
   pattern TensorFlow documents) and their final model and results into `OUTPUT/worker-<i>`.
   All workers resume from the chief's checkpoints, so `OUTPUT` must be on a shared file
-  system when the workers run on different machines.
+  system when the workers run on different machines. When one worker dies, TensorFlow's
+  health check aborts the others' collectives and they stop with `WorkerLostError`; starting
+  every worker again resumes the run. `python -m recipes.launch` runs a cluster on one machine.
 - Evaluation modes run after training on a single-device copy of the trained model (the same
   weights and statistics): `population` (moving statistics), `batch` (random test batches
   normalized with their own statistics), `balanced` (class-balanced test batches, built with
   the labels, normalized with their own statistics: the "conditional" evaluation of Hajaj &
-  Gillies 2018), `pseudo_balanced` (balanced by the model's own predicted labels) and
+  Gillies 2018), `pseudo_balanced` (balanced by the model's own predicted labels),
+  `assignment` (balanced by a class-prior assignment of the test images, no labels) and
   `recomputed` (population statistics recomputed as an equal-weight average over training
   batches, "precise BN").
 """
@@ -57,15 +60,15 @@ from pathlib import Path
 import numpy as np
 
 REFERENCE_BATCH_SIZE = 128
-EVAL_MODES = ("population", "batch", "balanced", "pseudo_balanced", "recomputed")
+EVAL_MODES = ("population", "batch", "balanced", "pseudo_balanced", "assignment", "recomputed")
 STRATEGIES = ("default", "mirrored", "multiworker")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 BATCH_STRUCTURES = ("random", "balanced")
 #: Settings that must not change when a run is resumed from its checkpoints.
-RESUME_KEYS = ("model", "norm", "norm_kwargs", "placement", "other_norm", "source",
-               "train_size", "batch_size", "batch_structure", "examples_per_class", "optimizer",
-               "mixed_precision", "seed")
+RESUME_KEYS = ("model", "norm", "norm_kwargs", "placement", "other_norm", "head_norm",
+               "source", "train_size", "batch_size", "batch_structure", "examples_per_class",
+               "optimizer", "mixed_precision", "seed")
 CSV_NAME = "training_log.csv"
 RUN_CONFIG_NAME = "run_config.json"
 CSV_FIELDS = ("epoch", "loss", "accuracy", "test_loss", "test_accuracy", "learning_rate",
@@ -74,6 +77,10 @@ CSV_FIELDS = ("epoch", "loss", "accuracy", "test_loss", "test_accuracy", "learni
 
 class ConfigError(ValueError):
     """A bad setting: the command line reports it in one line and exits with status 2."""
+
+
+class WorkerLostError(RuntimeError):
+    """Multi-worker training stopped because another worker of the cluster stopped."""
 
 
 @dataclasses.dataclass
@@ -85,6 +92,7 @@ class RunConfig:
     norm_kwargs: dict = dataclasses.field(default_factory=dict)
     placement: str = "all"
     other_norm: str = None
+    head_norm: str = None
     source: str = None
     train_size: int = None
     test_size: int = None
@@ -250,7 +258,8 @@ def build_model(config, data):
     return models.build_model(
         config.model, norm=config.norm, norm_kwargs=config.norm_kwargs,
         placement=config.placement, num_classes=data.num_classes,
-        input_shape=data.image_shape, other_norm=config.other_norm)
+        input_shape=data.image_shape, other_norm=config.other_norm,
+        head_norm=config.head_norm)
 
 
 def scaled_learning_rate(config):
@@ -432,13 +441,26 @@ def _distributed_steps(strategy, model, optimizer, jit, mixed_precision):
 
 def _run_epoch(step, dataset, progbar=None):
     """Runs `step` on every batch; returns the mean loss and the accuracy over the examples."""
+    import tensorflow as tf
+
     totals = np.zeros(3)  # summed loss, correct predictions, examples
-    for index, batch in enumerate(dataset, start=1):
-        totals += [float(value) for value in step(batch)]
-        loss_sum, correct, count = totals
-        if progbar is not None:
-            progbar.update(index, [("loss", loss_sum / count), ("accuracy", correct / count)],
-                           finalize=False)
+    try:
+        for index, batch in enumerate(dataset, start=1):
+            totals += [float(value) for value in step(batch)]
+            loss_sum, correct, count = totals
+            if progbar is not None:
+                progbar.update(index, [("loss", loss_sum / count),
+                                       ("accuracy", correct / count)], finalize=False)
+    except tf.errors.UnavailableError as err:
+        # TensorFlow's health check aborts the collectives of every worker when one stops:
+        # say what to do instead of a page of collective-op traceback.
+        tasks = [line.strip() for line in str(err).splitlines()
+                 if line.strip().startswith("/job:")]
+        raise WorkerLostError(
+            "another worker of the cluster stopped (TensorFlow's health check: "
+            f"{', '.join(tasks) or 'a task'} stopped sending heartbeats); start every worker "
+            "again with the same command: they resume from the chief's last checkpoint"
+        ) from None
     loss_sum, correct, count = totals
     if count == 0:
         return math.nan, math.nan
@@ -605,7 +627,7 @@ def _mode_available(mode):
     import importlib
 
     needs = {"batch": "keras_norm.evaluation", "balanced": "keras_norm.evaluation",
-             "pseudo_balanced": "keras_norm.evaluation",
+             "pseudo_balanced": "keras_norm.evaluation", "assignment": "keras_norm.evaluation",
              "recomputed": "keras_norm.statistics"}.get(mode)
     if needs is None:
         return None
@@ -646,7 +668,8 @@ def evaluate_modes(config, data, model):
     import keras_norm
 
     batch_dependent = any(keras_norm.spec(name).batch_dependent
-                          for name in (config.norm, config.other_norm) if name)
+                          for name in (config.norm, config.other_norm, config.head_norm)
+                          if name)
     modes, skipped = resolve_eval_modes(config, batch_dependent)
     k = (examples_per_class(config, data.num_classes) if config.batch_structure == "balanced"
          else max(1, config.batch_size // data.num_classes))
@@ -690,5 +713,8 @@ def _evaluate_mode(mode, config, data, model, examples, k):
     if mode == "balanced":
         return evaluation.evaluate_balanced(model, examples, data.num_classes, k,
                                             seed=config.seed)
+    if mode == "assignment":
+        return evaluation.evaluate_pseudo_balanced(model, examples, data.num_classes, k,
+                                                   seed=config.seed, method="assignment")
     return evaluation.evaluate_pseudo_balanced(model, examples, data.num_classes, k,
                                                seed=config.seed)

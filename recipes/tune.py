@@ -23,6 +23,10 @@ DEFAULT_NORMS = ("batch", "group")
 DEFAULT_BATCH_SIZES = (2, 8, 32, 128)
 DEFAULT_VAL_SIZE = 2000
 DEFAULT_EPOCHS = 5
+#: Distributed search (kept equal to `recipes.tuning`'s, which imports Keras).
+DEFAULT_WORKER_TIMEOUT = 60.0
+HEARTBEAT_SECONDS = 2.0
+MIN_WORKER_TIMEOUT = 5 * HEARTBEAT_SECONDS
 SEARCH_CONFIG_NAME = "search_config.json"
 #: Settings a resumed search must keep (the others, such as --max-trials, may change).
 RESUME_KEYS = ("tuner", "norms", "batch_sizes", "models", "placements", "lrs", "norm_kwargs",
@@ -77,6 +81,14 @@ resuming: run the same command again (same --output) to continue a stopped or ki
 finished trials are never run again, an interrupted one is rerun first. --max-trials and
 --hyperband-iterations may be raised on resume; other search settings may not (use another
 --output, or --overwrite to start again).
+
+distributed search (several machines or GPUs): KerasTuner's chief/worker mode. With
+KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set, the process whose KERASTUNER_TUNER_ID
+contains "chief" serves the search and writes the results; every other process (its own
+KERASTUNER_TUNER_ID, the same arguments) runs the trials the chief gives it. A worker
+restarted with its id gets its unfinished trial back; the trial of a worker silent for
+--worker-timeout seconds goes to another worker. On one machine:
+  python -m recipes.launch --recipe tune --workers 2 -- --quick
 
 exit status: 0 done, 2 bad arguments or data (one line on stderr), 130 interrupted,
 1 other failures.
@@ -243,7 +255,8 @@ def build_parser():
                        help="output folder (tuner state, results). Default: runs/tune/<tuner>, "
                             "or runs/tune/quick with --quick")
     group.add_argument("--overwrite", action="store_true",
-                       help="delete the search in --output and start again")
+                       help="delete the search in --output and start again (distributed "
+                            "search: done by the chief; workers ignore it)")
     group.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                        help="0 silent, 1 KerasTuner's trial tables and progress bars (default), "
                             "2 one line per epoch")
@@ -252,13 +265,32 @@ def build_parser():
                             "or the logical CPUs of --cpu-replicas)")
     group.add_argument("--cpu-replicas", type=cli.positive_int, default=None, metavar="N",
                        help="split the CPU into N logical devices (mirrored runs on a CPU)")
+
+    group = parser.add_argument_group(
+        "distributed search (KerasTuner's chief/worker mode, set by environment variables)")
+    group.add_argument("--worker-timeout", type=_worker_timeout,
+                       default=DEFAULT_WORKER_TIMEOUT, metavar="SECONDS",
+                       help="chief: give the trial of a worker silent this long (dead, or cut "
+                            "off) to the next worker that asks. Workers send a heartbeat every "
+                            f"few seconds while they train. Default: {DEFAULT_WORKER_TIMEOUT:g}")
     # Testing aids: stop cleanly after N trials of this process; simulate Ctrl-C at the start
-    # of this process's N-th trial.
+    # of this process's N-th trial; die (SIGKILL) after the first batch of its N-th trial.
     parser.add_argument("--stop-after-trials", type=cli.positive_int, default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("--interrupt-trial", type=cli.positive_int, default=None,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--kill-trial", type=cli.positive_int, default=None,
+                        help=argparse.SUPPRESS)
     return parser
+
+
+def _worker_timeout(text):
+    value = cli.positive_float(text)
+    if value < MIN_WORKER_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"expected at least {MIN_WORKER_TIMEOUT:g} seconds (workers beat every "
+            f"{HEARTBEAT_SECONDS:g} s), got {text!r}")
+    return value
 
 
 def parse_args(argv=None):
@@ -397,8 +429,9 @@ def _search_config(args, source, train_size, val_size):
             "strategy": args.strategy}
 
 
-def check_resumable(output, config):
-    """Refuses to continue a search in `output` that was started with other settings."""
+def check_resumable(output, config, write=True):
+    """Refuses to continue a search in `output` that was started with other settings, then
+    records `config` there (unless `write` is false: distributed workers only check)."""
     path = Path(output) / SEARCH_CONFIG_NAME
     if path.exists():
         saved = json.loads(path.read_text())
@@ -408,6 +441,8 @@ def check_resumable(output, config):
                                 for key in changed)
             raise _config_error(f"{output} holds a search with other settings ({details}); use "
                                 "another --output, or --overwrite to start again")
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
@@ -441,13 +476,23 @@ def prepare(argv=None):
     Returns:
         A dict with `args`, the data arrays, the hypermodel's settings and the strategy.
     """
-    from recipes import datasets, training
+    from recipes import datasets, training, tuning
 
     args = parse_args(argv)
+    try:
+        role = tuning.distributed_role()
+    except ValueError as err:
+        raise training.ConfigError(str(err)) from None
+    chief = role is not None and role[0] == "chief"
+    if chief:
+        _hide_gpus()
     if args.cpu_replicas:
         _configure_cpu_replicas(args.cpu_replicas)
-    strategy, _, _ = training.create_strategy(args.strategy)
-    replicas = strategy.num_replicas_in_sync
+    if chief:  # the chief only serves the oracle: the strategy is the workers' business
+        strategy, replicas = None, 1
+    else:
+        strategy, _, _ = training.create_strategy(args.strategy)
+        replicas = strategy.num_replicas_in_sync
     _check_norms(args)
     source = args.data or args.dataset
     try:
@@ -467,12 +512,28 @@ def prepare(argv=None):
                                    f"{replicas} replicas of --strategy {args.strategy}")
     config = _search_config(args, data.source if source is None else str(source),
                             len(y_train), len(y_val))
-    if args.overwrite:
-        clear_outputs(args.output)
-    check_resumable(args.output, config)
-    return {"args": args, "config": config, "data": data,
+    if role is None or chief:
+        if args.overwrite:
+            clear_outputs(args.output)
+        check_resumable(args.output, config)
+    elif not args.overwrite:
+        # A worker only checks its settings against the chief's, where --output is shared (the
+        # chief records them; with --overwrite it is about to replace them).
+        check_resumable(args.output, config, write=False)
+    return {"args": args, "config": config, "data": data, "role": role,
             "arrays": (x_train, y_train, x_val, y_val),
             "strategy": strategy if args.strategy != "default" else None}
+
+
+def _hide_gpus():
+    """Keeps a distributed search's chief off the GPUs (TensorFlow would otherwise reserve
+    their memory in a process that only serves the oracle, beside the workers)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # TensorFlow already started: nothing to hide now
+        pass
 
 
 # ------------------------------------------------------------------------------ running
@@ -493,7 +554,8 @@ def build_tuner(setup):
         epochs=args.epochs, seed=args.seed + 1, distribution_strategy=setup["strategy"],
         num_initial_points=args.initial_points, hyperband_factor=args.hyperband_factor,
         hyperband_iterations=args.hyperband_iterations,
-        stop_after_trials=args.stop_after_trials, interrupt_trial=args.interrupt_trial)
+        stop_after_trials=args.stop_after_trials, interrupt_trial=args.interrupt_trial,
+        kill_trial=args.kill_trial, worker_timeout=args.worker_timeout)
 
 
 def _plan(tuner, args):
@@ -537,6 +599,7 @@ def _settings(setup):
 
 def main(argv=None):
     """Runs the command line; returns the exit status."""
+    cli.require_recipes_extra("python -m recipes.tune")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from recipes import training, tuning
 
@@ -545,10 +608,13 @@ def main(argv=None):
     except training.ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    args = setup["args"]
+    args, role = setup["args"], setup["role"]
     tuner = build_tuner(setup)
     if args.verbose:
-        print(_plan(tuner, args), flush=True)
+        if role is None or role[0] == "chief":
+            print(_plan(tuner, args), flush=True)
+        if role is not None:
+            print(_role_line(role), flush=True)
     x_train, y_train, x_val, y_val = setup["arrays"]
     status, note = 0, None
     try:
@@ -558,13 +624,31 @@ def main(argv=None):
         note = f"{stop} as asked; run the same command again to continue."
     except KeyboardInterrupt:
         status, note = 130, "Interrupted; run the same command again to continue."
+    except OSError as err:  # the chief cannot listen on its address
+        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     except RuntimeError as err:  # e.g. KerasTuner's "too many consecutive failed trials"
         status, note = 1, f"Search failed: {str(err).splitlines()[0]}"
+    if role is not None and role[0] == "worker":
+        print(f"Worker {role[1]}: {tuner._finished_here} trial(s) run here"
+              + (f"; {note}" if note else "") + "; the chief writes the results.", flush=True)
+        return status
     rows = tuning.trial_rows(tuner)
     paths = tuning.write_results(rows, args.output, settings=_settings(setup))
     best = tuning.best_row(rows)
     print(summary(rows, best, paths, note), flush=True)
     return status
+
+
+def _role_line(role):
+    from recipes import tuning
+
+    kind, tuner_id = role
+    if kind == "chief":
+        return (f"Chief {tuner_id}: serving the search at {tuning.oracle_address()} until every "
+                "trial is done; start the workers (same arguments, KERASTUNER_TUNER_ID of "
+                "their own).")
+    return f"Worker {tuner_id}: running the trials the chief at {tuning.oracle_address()} gives."
 
 
 def summary(rows, best, paths, note=None):

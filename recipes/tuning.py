@@ -27,6 +27,11 @@
   trials (`stop_after_trials`) or to simulate Ctrl-C at a trial's start (`interrupt_trial`).
 - `trial_rows`, `write_results`: one row per trial into `results.csv` and `results.md`, and the
   "validation accuracy vs batch size, one line per norm" picture.
+- Distributed search (KerasTuner's chief/worker mode, `distributed_role`): every oracle here
+  is a `SharedSearchOracle` (which tuner ran each trial; a lost worker's trial re-queued after
+  `worker_timeout` seconds without a heartbeat; idle workers kept until the search is over),
+  the chief serves it with `serve_search`, and the tuners' `_Controlled` mixin sends the
+  workers' heartbeats.
 
 Resuming, per tuner (all tested in `tests/test_recipes_tune.py`): KerasTuner saves every trial
 (`trial_*/trial.json`) and the oracle's state (`oracle.json`) when a trial starts and ends.
@@ -39,7 +44,10 @@ design, one combination may run in several brackets, at different budgets).
 
 import itertools
 import math
+import os
 import random
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -48,7 +56,7 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from recipes import models, training
+from recipes import _tuner_compat, models, training
 
 OBJECTIVE = "val_accuracy"
 TUNERS = ("random", "bayesian", "hyperband", "grid")
@@ -57,8 +65,15 @@ HP_NAMES = ("norm", "batch_size", "model", "placement", "lr")
 #: Columns of `results.csv`.
 RESULT_FIELDS = ("trial", "status", "norm", "batch_size", "model", "placement", "lr",
                  "learning_rate", "epochs", "val_accuracy", "best_epoch", "val_loss",
-                 "accuracy", "steps", "replicas", "seconds")
+                 "accuracy", "steps", "replicas", "seconds", "worker", "attempts")
 EVAL_BATCH_SIZE = 256
+#: Distributed search: a worker tells the chief it is alive this often while it trains.
+HEARTBEAT_SECONDS = 2.0
+#: Distributed search: the chief gives a silent worker's trial to another worker after this.
+DEFAULT_WORKER_TIMEOUT = 60.0
+#: Distributed search: a worker that got no trial (the others still run theirs) asks again
+#: after this long.
+IDLE_POLL_SECONDS = 1.0
 
 
 # ------------------------------------------------------------------------------ hypermodel
@@ -268,7 +283,128 @@ def _enumerable_values(hp):
     return list(hp.values)
 
 
-class GridOracle(kt.Oracle):
+class SharedSearchOracle:
+    """Mixin for the oracles here: one search shared by several worker tuners.
+
+    KerasTuner's distributed mode runs the oracle in a chief process (`KERASTUNER_TUNER_ID`
+    containing "chief") that serves worker tuners over gRPC (`serve_search`). KerasTuner
+    alone re-runs a worker's trial only when a worker with the same tuner id asks again (the
+    oracle hands a tuner its unfinished trial back), tells a worker to stop as soon as nothing
+    is left to start (so a trial whose worker dies later has nobody left to re-run it) and
+    waits forever for a worker that never comes back. This mixin adds:
+
+    - the record of which tuner started each trial (`trial_workers`, saved with the oracle),
+      for the `worker` and `attempts` columns of the results;
+    - liveness: every request from a tuner (a trial request, or the heartbeat that
+      `_Controlled` sends every `HEARTBEAT_SECONDS` while it trains) marks it alive, and
+      `requeue_lost_workers` puts the trial of a tuner silent for `worker_timeout` seconds
+      back in the retry queue, where the next tuner asking for a trial takes it;
+    - no early stop: while other tuners still run trials, a tuner asking for one gets "idle"
+      (ask again) instead of "stopped", so that it is still there to re-run a lost trial.
+
+    In one process nothing changes: the only tuner never waits on another.
+    """
+
+    #: Seconds without a request after which a tuner's trial goes to another tuner.
+    worker_timeout = DEFAULT_WORKER_TIMEOUT
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trial_workers = {}  # trial id -> the tuner ids that started it, in order
+        self._last_seen = {}  # tuner id -> time.monotonic() of its last request
+
+    @kt.synchronized
+    def create_trial(self, tuner_id):
+        now = time.monotonic()
+        self._last_seen[tuner_id] = now
+        self._requeue_lost(now)
+        trial = super().create_trial(tuner_id)
+        if trial.status == kt.engine.trial.TrialStatus.RUNNING:
+            self.trial_workers.setdefault(trial.trial_id, []).append(tuner_id)
+            self.save()
+        elif (trial.status == kt.engine.trial.TrialStatus.STOPPED
+              and any(other != tuner_id for other in self.ongoing_trials)):
+            # KerasTuner forgot this tuner as it stopped it; keep it for a lost trial.
+            self.tuner_ids.add(tuner_id)
+            trial.status = kt.engine.trial.TrialStatus.IDLE
+        return trial
+
+    @kt.synchronized
+    def get_trial(self, trial_id):
+        # Worker tuners call this as their heartbeat (any request marks a tuner alive).
+        for tuner_id, trial in self.ongoing_trials.items():
+            if trial.trial_id == trial_id:
+                self._last_seen[tuner_id] = time.monotonic()
+        return super().get_trial(trial_id)
+
+    @kt.synchronized
+    def end_trial(self, trial):
+        if trial.trial_id in self.end_order:
+            # A late report of a trial that was given to another tuner and already finished
+            # there: keep the first result.
+            self._forget_ongoing(trial.trial_id)
+            return
+        if (trial.status == kt.engine.trial.TrialStatus.COMPLETED
+                and trial.trial_id in self._retry_queue):
+            # A tuner thought lost finished after all: do not run the trial again.
+            self._retry_queue.remove(trial.trial_id)
+        super().end_trial(trial)
+
+    def _forget_ongoing(self, trial_id):
+        for tuner_id, ongoing in list(self.ongoing_trials.items()):
+            if ongoing.trial_id == trial_id:
+                self.ongoing_trials.pop(tuner_id)
+
+    @kt.synchronized
+    def requeue_lost_workers(self):
+        """Gives the trials of tuners silent for `worker_timeout` seconds to the next tuner
+        that asks; returns `[(tuner id, trial id or None)]` of the tuners given up on."""
+        return self._requeue_lost(time.monotonic())
+
+    def _requeue_lost(self, now):
+        lost = []
+        for tuner_id in sorted(set(self.tuner_ids) | set(self.ongoing_trials)):
+            seen = self._last_seen.setdefault(tuner_id, now)  # e.g. after a chief restart
+            if now - seen <= self.worker_timeout:
+                continue
+            trial = self.ongoing_trials.pop(tuner_id, None)
+            if trial is not None and trial.trial_id not in self._retry_queue:
+                self._retry_queue.append(trial.trial_id)
+            self.tuner_ids.discard(tuner_id)
+            self._last_seen.pop(tuner_id, None)
+            lost.append((tuner_id, None if trial is None else trial.trial_id))
+            print(f"Worker {tuner_id} silent for {now - seen:.0f} s: "
+                  + (f"trial {trial.trial_id} goes to the next worker that asks."
+                     if trial is not None else "no longer waited for."), flush=True)
+        if lost:
+            self.save()
+        return lost
+
+    @kt.synchronized
+    def search_finished(self):
+        """Whether no tuner holds a trial and every tuner has been told to stop."""
+        return not self.ongoing_trials and not self.tuner_ids
+
+    @kt.synchronized
+    def trials_exhausted(self):
+        """Whether `max_trials` trials exist and none runs or waits to run again (a reloaded,
+        finished search: nothing is left to hand out)."""
+        return bool(self.max_trials and len(self.trials) >= self.max_trials
+                    and not self.ongoing_trials and not self._retry_queue)
+
+    def get_state(self):
+        state = super().get_state()
+        state["trial_workers"] = self.trial_workers
+        return state
+
+    def set_state(self, state):
+        super().set_state(state)
+        # Searches saved before this record existed have none.
+        self.trial_workers = {key: list(value)
+                              for key, value in state.get("trial_workers", {}).items()}
+
+
+class GridOracle(SharedSearchOracle, kt.Oracle):
     """Every combination of the search space exactly once, in a fixed order; resumable.
 
     The order is that of `itertools.product` over the hyperparameters in the order they were
@@ -305,7 +441,11 @@ class GridOracle(kt.Oracle):
         return {"status": kt.engine.trial.TrialStatus.STOPPED, "values": None}
 
 
-class BayesianOptimizationOracle(kt.oracles.BayesianOptimizationOracle):
+class RandomSearchOracle(SharedSearchOracle, kt.oracles.RandomSearchOracle):
+    """KerasTuner's random search oracle, shareable by several workers."""
+
+
+class BayesianOptimizationOracle(SharedSearchOracle, kt.oracles.BayesianOptimizationOracle):
     """KerasTuner's Bayesian optimization, never proposing a combination already tried."""
 
     def populate_space(self, trial_id):
@@ -316,7 +456,7 @@ class BayesianOptimizationOracle(kt.oracles.BayesianOptimizationOracle):
         return response
 
 
-class HyperbandOracle(kt.oracles.HyperbandOracle):
+class HyperbandOracle(SharedSearchOracle, kt.oracles.HyperbandOracle):
     """KerasTuner's Hyperband, fitted to a small, finite search space.
 
     KerasTuner's oracle fills a bracket's first round with configurations never tried in any
@@ -377,8 +517,91 @@ class StopSearch(Exception):
     """Raised after `stop_after_trials` trials of this process, once their state is saved."""
 
 
+class _KillAfterFirstBatch(keras.callbacks.Callback):
+    """Testing aid: the process dies (SIGKILL) after the first training batch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def distributed_role():
+    """`("chief" | "worker", tuner id)` in KerasTuner's distributed mode, else None.
+
+    The mode is KerasTuner's: `KERASTUNER_ORACLE_IP` set means a distributed search, with
+    `KERASTUNER_ORACLE_PORT` and `KERASTUNER_TUNER_ID` (a tuner id containing "chief" is the
+    chief). Raises `ValueError` naming a missing or empty variable.
+    """
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return None
+    for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        if not os.environ.get(name, "").strip():
+            raise ValueError(f"distributed search: KERASTUNER_ORACLE_IP is set, so {name} must "
+                             f"be set too; got {os.environ.get(name)!r}")
+    port = os.environ["KERASTUNER_ORACLE_PORT"]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"distributed search: KERASTUNER_ORACLE_PORT must be a port number, "
+                         f"got {port!r}")
+    tuner_id = os.environ["KERASTUNER_TUNER_ID"]
+    return ("chief" if "chief" in tuner_id else "worker"), tuner_id
+
+
+def oracle_address():
+    """`ip:port` of the chief oracle (from `KERASTUNER_ORACLE_IP` / `_PORT`)."""
+    return f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+
+
+def serve_search(oracle, address, poll_seconds=0.2, stop_event=None):
+    """Serves `oracle` to worker tuners over gRPC until the search is over.
+
+    KerasTuner's own chief loop (`oracle_chief.start_server`) polls every 20 s once the first
+    worker has been told to stop and never gives up on a dead worker; this one polls every
+    `poll_seconds`, re-queues the trials of lost workers (`SharedSearchOracle`) and ends when
+    every worker has been told to stop and no trial runs, or when `stop_event` is set.
+
+    Args:
+        oracle: A `SharedSearchOracle`.
+        address: `ip:port` to listen on.
+        poll_seconds: How often to check for lost workers and the end of the search.
+        stop_event: Optional `threading.Event` that ends serving early (tests).
+
+    Raises:
+        OSError: When `address` cannot be listened on (e.g. the port is taken).
+    """
+    from concurrent import futures
+
+    import grpc
+    add_servicer_to_server, OracleServicer = _tuner_compat.oracle_service()
+
+    if oracle.trials_exhausted():  # e.g. the chief of a finished search started again
+        return
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = OracleServicer(oracle)
+    add_servicer_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # recent gRPC raises, older ones return 0
+        bound = 0
+    if not bound:
+        raise OSError(f"the chief oracle cannot listen on {address} (KERASTUNER_ORACLE_IP / "
+                      "KERASTUNER_ORACLE_PORT): address in use or not of this machine")
+    server.start()
+    try:
+        while not (stop_event is not None and stop_event.is_set()):
+            time.sleep(poll_seconds)
+            oracle.requeue_lost_workers()
+            if servicer.stop_triggered and oracle.search_finished():
+                break
+    finally:
+        server.stop(grace=1.0).wait(5.0)
+
+
 class _Controlled:
-    """Mixin for the tuner classes: stop after some trials, or simulate an interruption.
+    """Mixin for the tuner classes: testing aids and KerasTuner's distributed mode.
+
+    In a distributed search (`distributed_role()`), the chief's `search` serves the oracle
+    (`serve_search`) instead of KerasTuner's loop; a worker sends a heartbeat to the chief
+    while it runs a trial, and waits `IDLE_POLL_SECONDS` before asking again when the chief
+    has no trial for it yet.
 
     Attributes:
         stop_after_trials: After this many trials finished in this process (and saved), the
@@ -386,28 +609,74 @@ class _Controlled:
         interrupt_trial: The n-th trial started in this process raises `SearchInterrupted`
             (a `KeyboardInterrupt`) before it trains, leaving it "running" on disk, exactly
             as a Ctrl-C or a killed process would. None: never.
+        kill_trial: The n-th trial started in this process kills the process (SIGKILL) after
+            its first training batch. None: never.
     """
 
     stop_after_trials = None
     interrupt_trial = None
+    kill_trial = None
     _started_here = 0
     _finished_here = 0
+    _asked = False
+    _heartbeat = None
+
+    def search(self, *fit_args, **fit_kwargs):
+        role = distributed_role()
+        if role is None or role[0] != "chief":
+            return super().search(*fit_args, **fit_kwargs)
+        if "verbose" in fit_kwargs:
+            self.oracle.verbose = fit_kwargs["verbose"]
+        self.save()
+        serve_search(self.oracle, oracle_address())
+
+    def pre_create_trial(self):
+        super().pre_create_trial()
+        if self._asked:  # the last request got no trial: the others still run theirs
+            time.sleep(IDLE_POLL_SECONDS)
+        self._asked = True
+
+    def on_trial_begin(self, trial):
+        self._asked = False
+        super().on_trial_begin(trial)
+        if self._is_worker():
+            stop = threading.Event()
+            thread = threading.Thread(target=self._beat, args=(trial.trial_id, stop),
+                                      name=f"heartbeat-{trial.trial_id}", daemon=True)
+            thread.start()
+            self._heartbeat = stop
+
+    def _beat(self, trial_id, stop):
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.oracle.get_trial(trial_id)
+            except Exception:  # noqa: BLE001  the chief may be restarting: beat again later
+                pass
 
     def run_trial(self, trial, *args, **kwargs):
         self._started_here += 1
         if self.interrupt_trial and self._started_here == self.interrupt_trial:
             raise SearchInterrupted(f"interrupted at the start of trial {trial.trial_id}")
+        if self.kill_trial and self._started_here == self.kill_trial:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), _KillAfterFirstBatch()]
         return super().run_trial(trial, *args, **kwargs)
 
     def on_trial_end(self, trial):
+        if self._heartbeat is not None:
+            self._heartbeat.set()
+            self._heartbeat = None
         super().on_trial_end(trial)  # saves the trial and the oracle
         self._finished_here += 1
         if self.stop_after_trials and self._finished_here >= self.stop_after_trials:
             raise StopSearch(f"stopped after {self._finished_here} trial(s)")
 
 
-class RandomSearch(_Controlled, kt.RandomSearch):
-    """KerasTuner's random search with the stop/interrupt hooks of `_Controlled`."""
+class RandomSearch(_Controlled, kt.Tuner):
+    """Random search with `RandomSearchOracle` and the hooks of `_Controlled`."""
+
+    def __init__(self, hypermodel=None, objective=None, max_trials=10, seed=None, **kwargs):
+        oracle = RandomSearchOracle(objective=objective, max_trials=max_trials, seed=seed)
+        super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
 class Hyperband(_Controlled, kt.Hyperband):
@@ -462,18 +731,20 @@ def grid_size(hypermodel):
 
 def hyperband_plan(oracle):
     """`(brackets, trials per Hyperband iteration)` of a `HyperbandOracle`."""
-    brackets = oracle._get_num_brackets()
-    trials = sum(oracle._get_size(bracket, round_num)
-                 for bracket in range(brackets)
-                 for round_num in range(oracle._get_num_rounds(bracket)))
-    return brackets, trials
+    return _tuner_compat.hyperband_plan(oracle)  # KerasTuner's private sizing hooks
 
 
 def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=None,
                epochs=1, seed=1, overwrite=False, distribution_strategy=None,
                num_initial_points=None, hyperband_factor=3, hyperband_iterations=1,
-               stop_after_trials=None, interrupt_trial=None):
+               stop_after_trials=None, interrupt_trial=None, kill_trial=None,
+               worker_timeout=DEFAULT_WORKER_TIMEOUT):
     """The tuner of `kind` over `hypermodel`, reloading `directory/project_name` if present.
+
+    With KerasTuner's distributed environment variables set (`distributed_role`), the tuner
+    of the chief serves the search from its `search` and a worker's tuner asks the chief for
+    its trials (KerasTuner replaces a worker's oracle with a gRPC client; the oracle built
+    here then only describes the search space).
 
     Args:
         kind: One of `TUNERS`.
@@ -492,11 +763,18 @@ def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=No
         hyperband_iterations: Hyperband iterations.
         stop_after_trials: See `_Controlled`.
         interrupt_trial: See `_Controlled`.
+        kill_trial: See `_Controlled`.
+        worker_timeout: Distributed search: seconds of silence after which the chief gives a
+            worker's trial to another worker (`SharedSearchOracle`).
 
     Returns:
         The tuner.
     """
+    if not worker_timeout > 0:
+        raise ValueError(f"make_tuner: worker_timeout must be > 0 seconds, got {worker_timeout!r}")
     objective = kt.Objective(OBJECTIVE, direction="max")
+    if not overwrite:
+        _reload_under_this_tuner_id(Path(directory) / project_name)
     common = dict(hypermodel=hypermodel, objective=objective, directory=str(directory),
                   project_name=project_name, overwrite=overwrite, seed=seed,
                   distribution_strategy=distribution_strategy)
@@ -510,15 +788,43 @@ def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=No
     elif kind == "hyperband":
         tuner = Hyperband(max_epochs=epochs, factor=hyperband_factor,
                           hyperband_iterations=hyperband_iterations, **common)
-        # KerasTuner's Hyperband has no `max_trials`, but the base oracle honours one; its
-        # reloaded state also carries the old iteration count: the command line's wins.
-        tuner.oracle.max_trials = max_trials
-        tuner.oracle.hyperband_iterations = hyperband_iterations
     else:
         raise ValueError(f"make_tuner: unknown tuner {kind!r}; choose from {', '.join(TUNERS)}")
+    oracle = local_oracle(tuner)
+    if kind == "hyperband":
+        # KerasTuner's Hyperband has no `max_trials`, but the base oracle honours one; its
+        # reloaded state also carries the old iteration count: the command line's wins.
+        oracle.max_trials = max_trials
+        oracle.hyperband_iterations = hyperband_iterations
+    oracle.worker_timeout = float(worker_timeout)
     tuner.stop_after_trials = stop_after_trials
     tuner.interrupt_trial = interrupt_trial
+    tuner.kill_trial = kill_trial
     return tuner
+
+
+def _reload_under_this_tuner_id(project):
+    """Makes KerasTuner reload a saved search whatever tuner id saved it.
+
+    KerasTuner reloads the oracle only when it finds the state file of *this* tuner id
+    (`<tuner id>.json`), so a search started on one machine (id `tuner0`) and continued as a
+    distributed search (the chief, id `chief`), or the other way round, would start again from
+    nothing and overwrite the saved trials. A tuner's own state is empty (`{}`): where the
+    oracle was saved and this process's tuner has no file yet, an empty one is written.
+    """
+    role = distributed_role()
+    if role is not None and role[0] == "worker":
+        return  # a worker never loads the oracle: the chief's serves it
+    tuner_id = role[1] if role else "tuner0"
+    state = project / f"{tuner_id}.json"
+    if (project / "oracle.json").exists() and not state.exists():
+        state.write_text("{}")
+
+
+def local_oracle(tuner):
+    """The oracle object in this process: on a distributed worker, the one KerasTuner's gRPC
+    client wraps (it describes the search space; the chief's oracle runs the search)."""
+    return _tuner_compat.local_oracle(tuner.oracle)
 
 
 # --------------------------------------------------------------------------------- results
@@ -537,6 +843,11 @@ def trial_rows(tuner):
                          if trial.metrics.exists(name) else None)
         if row["epochs"] is None and "tuner/epochs" in values:
             row["epochs"] = values["tuner/epochs"]
+        # Which tuner ran the trial (the last one that started it) and how many times it was
+        # started (more than once after an interruption, a lost worker or a failure).
+        starts = getattr(tuner.oracle, "trial_workers", {}).get(trial_id, [])
+        row["worker"] = starts[-1] if starts else None
+        row["attempts"] = len(starts) or None
         for name in ("epochs", "best_epoch", "steps", "replicas"):
             if row[name] is not None:
                 row[name] = int(row[name])
@@ -599,7 +910,8 @@ def markdown(rows, paths, title, settings=None):
                "model": "model", "placement": "placement", "lr": "lr @128",
                "learning_rate": "lr", "epochs": "epochs", OBJECTIVE: "val acc (%)",
                "best_epoch": "best epoch", "val_loss": "val loss", "accuracy": "train acc (%)",
-               "steps": "steps", "replicas": "replicas", "seconds": "s"}
+               "steps": "steps", "replicas": "replicas", "seconds": "s", "worker": "worker",
+               "attempts": "runs"}
     lines = [f"# {title}", ""]
     if settings:
         lines += ["| setting | value |", "| --- | --- |"]
@@ -612,9 +924,12 @@ def markdown(rows, paths, title, settings=None):
               f"{len(rows)} trial(s); `val acc` is the best validation accuracy over the "
               "trial's epochs, `lr` the learning rate used (`lr @128` scaled by batch / 128), "
               "`steps` the optimizer steps of the trial (a Hyperband continuation counts only "
-              "its own) and `s` its training wall time.", "",
+              "its own), `s` its training wall time, `worker` the tuner that ran it and `runs` "
+              "how many times it was started (more than once after an interruption or a lost "
+              "worker).", "",
               "| " + " | ".join(headers[key] for key in RESULT_FIELDS) + " |",
-              "| " + " | ".join("---:" if key not in ("status", "norm", "model", "placement")
+              "| " + " | ".join("---:" if key not in ("status", "norm", "model", "placement",
+                                                      "worker")
                                 else "---" for key in RESULT_FIELDS) + " |"]
     for row in rows:
         lines.append("| " + " | ".join(_format(key, row[key]) for key in RESULT_FIELDS) + " |")

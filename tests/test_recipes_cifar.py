@@ -22,6 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_norm  # noqa: F401  (registers the layers that saved models are loaded with)
 
@@ -252,11 +253,60 @@ def test_balanced_preset_with_mixed_precision_and_adamw(tmp_path, capsys):
     assert model.get_layer("conv1_norm").moving_mean.dtype == "float32"
 
 
-def test_jit_compiles_the_steps(tmp_path, capsys):
+def test_head_norm_is_built_recorded_and_evaluated(tmp_path, capsys):
+    """--head-norm batch: BN between the classifier's Dense and the logits, in the saved model,
+    results.json and report.md; the assignment mode reports its decomposition."""
+    status, out, err = _main(["--data", SMALL_NPZ, "--train-size", "100", "--test-size", "50",
+                              "--batch-structure", "balanced", "--epochs", "1", "--head-norm",
+                              "batch", "--eval", "population,assignment", "--verbose", "1",
+                              "--output", str(tmp_path)], capsys)
+    assert status == 0, err
+    results = _results(tmp_path)
+    assert results["config"]["head_norm"] == "batch"
+    assert results["model"]["norm_layers"][-1] == "logits_norm"
+    model = keras.models.load_model(tmp_path / "model.keras")
+    assert [layer.name for layer in model.layers][-3:] == ["logits", "logits_norm",
+                                                           "logits_float32"]
+    assignment = results["evaluation"]["assignment"]
+    assert assignment["coverage"] == 1.0  # 50 test images, 5 per class: 5 batches of 10
+    assert 0 <= assignment["assignment_accuracy"] <= 1
+    assert 0 <= assignment["population_accuracy"] <= 1
+    report = (tmp_path / "report.md").read_text()
+    assert "head norm (after the classifier's Dense) batch" in report
+    assert "the assignment alone is" in report
+    assert "head norm batch" in out
+    # The default is no head norm, recorded as null, and a resumed run must keep it.
+    _, args = cifar.parse_args([])
+    assert cifar.to_config(args).head_norm is None
+    status, _, err = _main(["--data", SMALL_NPZ, "--train-size", "100", "--test-size", "50",
+                            "--batch-structure", "balanced", "--epochs", "1", "--output",
+                            str(tmp_path)], capsys)
+    assert status == 2 and "head_norm: 'batch' -> None" in err
+
+
+def test_jit_compiles_the_steps(tmp_path, capsys, monkeypatch):
+    """--jit reaches the training and evaluation steps: both are traced as XLA functions and
+    run (a recorded flag alone would pass with --jit ignored)."""
+    compiled = []
+    original = tf.function
+
+    def recording_function(func=None, **kwargs):
+        if func is None:
+            return lambda f: recording_function(f, **kwargs)
+        if not kwargs.get("jit_compile") or func.__name__ not in ("train_fn", "test_fn"):
+            return original(func, **kwargs)
+
+        def traced(*args):
+            compiled.append(func.__name__)
+            return func(*args)
+        return original(traced, **kwargs)
+
+    monkeypatch.setattr(tf, "function", recording_function)
     status, _, err = _main(["--data", SMALL_NPZ, "--train-size", "60", "--test-size", "20",
                             "--batch-size", "20", "--epochs", "1", "--jit", "--eval",
                             "population", "--verbose", "0", "--output", str(tmp_path)], capsys)
     assert status == 0, err
+    assert {"train_fn", "test_fn"} <= set(compiled), compiled
     assert _results(tmp_path)["config"]["jit"] is True
 
 
@@ -293,6 +343,9 @@ BAD_ARGUMENTS = [
     (["--strategy", "multiworker"], "needs the TF_CONFIG environment variable"),
     (["--data", SMALL_NPZ, "--dataset", "cifar10"], "either --data or --dataset"),
     (["--train-size", "5000"], "train_size"),
+    (["--head-norm", "btach"], "Unknown normalization 'btach'. Did you mean 'batch'?"),
+    (["--head-norm", "cross_iteration"], "'cross_iteration' is a 'conv_wrapper' and needs a "
+                                         "convolution"),
 ]
 
 

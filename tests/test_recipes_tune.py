@@ -3,14 +3,21 @@
 End to end on the shared cifar10-small.npz, kept tiny (around a hundred images, the smallest
 model, 1-2 epochs): the quick grid search, resuming every tuner after a clean stop or an
 interruption, a mirrored-strategy trial, the hypermodel's own contract, and the one-line
-errors with exit status 2.
+errors with exit status 2. Distributed search (KerasTuner's chief/worker mode) on 127.0.0.1:
+every tuner through the real gRPC oracle with stand-in trials (a lost worker's trial re-run
+by the other worker), and `python -m recipes.tune --quick` run by a chief and two worker
+processes, one of them killed mid-trial and started again.
 """
 
 import csv
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +32,7 @@ if str(PROJECT_ROOT) not in sys.path:
 import keras  # noqa: E402
 import keras_tuner as kt  # noqa: E402
 
-from recipes import tune, tuning  # noqa: E402
+from recipes import launch, tune, tuning  # noqa: E402
 
 SMALL_NPZ = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-small.npz"
 TINY = ["--data", str(SMALL_NPZ), "--train-size", "64", "--val-size", "32", "--epochs", "1",
@@ -80,6 +87,7 @@ def test_quick_search_tries_every_pair_and_writes_results(tmp_path, capsys):
         assert float(row["learning_rate"]) == pytest.approx(0.1 * size / 128)
         assert 0.0 <= float(row["val_accuracy"]) <= 1.0
         assert float(row["seconds"]) > 0
+        assert (row["worker"], row["attempts"]) == ("tuner0", "1")  # KerasTuner's default id
     table = (output / "results.md").read_text()
     for norm, size in expected:
         assert f"| {norm} | {size} | small_cnn |" in table
@@ -116,6 +124,7 @@ def test_grid_resumes_an_interrupted_trial_without_repeating(tmp_path):
     # Grid order; the interrupted trial 1 was rerun under its own id, trial 0 was not rerun.
     assert [row["trial"] for row in rows] == ["0", "1"]
     assert all(row["status"] == "COMPLETED" for row in rows)
+    assert [row["attempts"] for row in rows] == ["1", "2"]  # trial 1 started twice
     assert pairs(rows) == [("group", 4), ("group", 16)]
     assert trial_files(output)["trial_0"] == first["trial_0"]
 
@@ -268,6 +277,280 @@ def test_hyperband_oracle_halves_successively_on_a_small_space(tmp_path):
     assert (last["norm"], last["batch_size"]) == ("group", 2) and "tuner/trial_id" in last
 
 
+# ------------------------------------------------------------------------------ distributed
+SPACE = {"norm": ("batch", "group"), "batch_size": (2, 8), "model": ("small_cnn",),
+         "placement": ("all",), "lr": (0.1,)}
+TUNER_CLASSES = {"random": tuning.RandomSearch, "bayesian": tuning.BayesianOptimization,
+                 "grid": tuning.GridSearch, "hyperband": tuning.Hyperband}
+
+
+class SpaceOnly(kt.HyperModel):
+    """The search space of `NormBatchHyperModel`, without models (trials are stand-ins)."""
+
+    space = SPACE
+
+    def declare_hyperparameters(self, hp):
+        for name, values in SPACE.items():
+            tuning._choose(hp, name, values)
+
+    def build(self, hp):
+        self.declare_hyperparameters(hp)
+
+
+class WorkerDied(BaseException):
+    """A stand-in trial's process "dies": no result, no end of trial, no more heartbeats."""
+
+
+class StandInTrials:
+    """Mixin: a trial sleeps a little and scores its values; `die_in_trial` = n makes this
+    tuner's n-th trial die (see `WorkerDied`)."""
+
+    die_in_trial = None
+    started = 0
+
+    def run_trial(self, trial, *args, **kwargs):
+        self.started += 1
+        if self.started == self.die_in_trial:
+            self._heartbeat.set()
+            raise WorkerDied(trial.trial_id)
+        time.sleep(0.3)
+        values = trial.hyperparameters.values
+        return {"val_accuracy": 0.5 + 0.1 * (values["norm"] == "group")
+                - 0.01 * values["batch_size"] + 0.001 * values.get("tuner/epochs", 0)}
+
+
+def _stand_in_tuner(kind, directory):
+    cls = type(f"StandIn{kind}", (StandInTrials, TUNER_CLASSES[kind]), {})
+    common = dict(hypermodel=SpaceOnly(), objective=kt.Objective("val_accuracy", "max"),
+                  directory=str(directory), project_name="search", seed=2)
+    if kind == "hyperband":
+        return cls(max_epochs=3, factor=3, **common)
+    return cls(max_trials=None if kind == "grid" else 4, **common)
+
+
+@pytest.mark.parametrize("kind", tuning.TUNERS)
+def test_every_tuner_shares_its_search_over_grpc(kind, tmp_path, monkeypatch):
+    """A chief oracle served over gRPC on 127.0.0.1 and two worker tuners in threads: every
+    combination runs once (Hyperband: its whole plan), and the trial of a worker that dies
+    mid-trial is given to the other worker once the chief stops hearing from it."""
+    monkeypatch.setattr(tuning, "IDLE_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(tuning, "HEARTBEAT_SECONDS", 0.1)
+    (port,) = launch.free_ports(1)
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(port))
+    tuners = {}
+    for tuner_id in ("chief", "tuner0", "tuner1"):
+        monkeypatch.setenv("KERASTUNER_TUNER_ID", tuner_id)
+        tuners[tuner_id] = _stand_in_tuner(kind, tmp_path)
+    chief = tuners["chief"].oracle
+    assert isinstance(chief, tuning.SharedSearchOracle)
+    assert type(tuners["tuner0"].oracle).__name__ == "OracleClient"  # KerasTuner's gRPC proxy
+    chief.worker_timeout = 1.0
+    tuners["tuner1"].die_in_trial = 1
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")  # not the chief, for the threads
+
+    stop = threading.Event()
+    errors = []
+
+    def guarded(target, *args, **kwargs):
+        def run():
+            try:
+                target(*args, **kwargs)
+            except WorkerDied:
+                pass
+            except BaseException as err:  # noqa: BLE001  reported below
+                errors.append(err)
+        return threading.Thread(target=run, daemon=True)
+
+    server = guarded(tuning.serve_search, chief, f"127.0.0.1:{port}", poll_seconds=0.05,
+                     stop_event=stop)
+    server.start()
+    workers = [guarded(tuners[tuner_id].search) for tuner_id in ("tuner0", "tuner1")]
+    for thread in workers:
+        thread.start()
+    for thread in [*workers, server]:
+        thread.join(timeout=120)
+    stop.set()  # (only matters when the search hangs)
+    server.join(timeout=10)
+    assert not errors, errors
+    assert not server.is_alive(), "the chief did not end the search"
+
+    trials = [chief.trials[trial_id] for trial_id in sorted(chief.trials, key=int)]
+    assert all(trial.status == "COMPLETED" for trial in trials)
+    starts = chief.trial_workers
+    died = [trial_id for trial_id, ids in starts.items() if ids[0] == "tuner1"]
+    assert len(died) == 1  # tuner1 ran one trial only, and died in it ...
+    assert starts[died[0]] == ["tuner1", "tuner0"]  # ... which tuner0 ran again
+    assert all(ids == ["tuner0"] for trial_id, ids in starts.items() if trial_id != died[0])
+    values = [trial.hyperparameters.values for trial in trials]
+    combos = [(v["norm"], v["batch_size"]) for v in values]
+    if kind == "hyperband":
+        assert len(trials) == tuning.hyperband_plan(chief)[1]
+        for bracket in {v["tuner/bracket"] for v in values}:
+            first = [c for c, v in zip(combos, values)
+                     if (v["tuner/bracket"], v["tuner/round"]) == (bracket, 0)]
+            assert len(set(first)) == len(first)
+    else:
+        assert sorted(combos) == [("batch", 2), ("batch", 8), ("group", 2), ("group", 8)]
+        # The chief of the finished search, started again, has nothing to serve.
+        started = time.monotonic()
+        tuning.serve_search(chief, f"127.0.0.1:{port}")
+        assert time.monotonic() - started < 5
+
+
+def test_a_search_started_on_one_machine_continues_distributed(tmp_path, monkeypatch):
+    # KerasTuner alone would reload nothing under the new tuner id and start again.
+    kwargs = dict(hypermodel=SpaceOnly(), directory=tmp_path, max_trials=2, seed=1)
+    tuner = tuning.make_tuner("random", **kwargs)  # one machine: tuner id "tuner0"
+    oracle = tuner.oracle
+    for _ in range(2):
+        trial = oracle.create_trial("tuner0")
+        oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "1")
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "chief")
+    chief = tuning.make_tuner("random", **kwargs)
+    assert sorted(chief.oracle.trials) == ["0", "1"]
+    assert {trial.status for trial in chief.oracle.trials.values()} == {"COMPLETED"}
+    assert chief.oracle.trial_workers == {"0": ["tuner0"], "1": ["tuner0"]}
+
+
+def test_a_silent_worker_loses_its_trial_to_the_next_one(tmp_path):
+    """The oracle side of a lost worker, without gRPC: its trial goes back to the queue after
+    `worker_timeout` seconds without a request; a worker asking meanwhile waits ("idle")
+    instead of being told to stop, and the search ends once the trial is done."""
+    hp = kt.HyperParameters()
+    hp.Choice("norm", ["batch", "group"])
+    oracle = tuning.GridOracle(objective=kt.Objective("val_accuracy", "max"), hyperparameters=hp)
+    oracle._set_project_dir(str(tmp_path), "p")
+    oracle.verbose = 0
+    oracle.max_trials = oracle.grid_size()
+    oracle.worker_timeout = 60.0
+    first, second = oracle.create_trial("a"), oracle.create_trial("b")
+    assert (first.status, second.status) == ("RUNNING", "RUNNING")
+    oracle.update_trial(first.trial_id, {"val_accuracy": 0.5})
+    first.status = "COMPLETED"
+    oracle.end_trial(first)
+    assert oracle.create_trial("a").status == "IDLE"  # b still runs: a stays for it
+    assert oracle.requeue_lost_workers() == []
+    assert oracle.create_trial("b").trial_id == second.trial_id  # b restarted: its own trial
+    oracle._last_seen["b"] -= 61  # b silent for longer than worker_timeout
+    assert oracle.requeue_lost_workers() == [("b", second.trial_id)]
+    again = oracle.create_trial("a")
+    assert again.trial_id == second.trial_id and again.status == "RUNNING"
+    assert oracle.trial_workers == {first.trial_id: ["a"], second.trial_id: ["b", "b", "a"]}
+    oracle.update_trial(again.trial_id, {"val_accuracy": 0.6})
+    again.status = "COMPLETED"
+    oracle.end_trial(again)
+    late = kt.engine.trial.Trial(oracle.get_space(), trial_id=second.trial_id,
+                                 status="COMPLETED")
+    oracle.end_trial(late)  # b's late report changes nothing
+    assert oracle.end_order == [first.trial_id, second.trial_id]
+    assert oracle.create_trial("a").status == "STOPPED"
+    assert oracle.search_finished()
+    # The record survives a reload (oracle.json).
+    reloaded = tuning.GridOracle(objective=kt.Objective("val_accuracy", "max"),
+                                 hyperparameters=hp)
+    reloaded._set_project_dir(str(tmp_path), "p")
+    reloaded.reload()
+    assert reloaded.trial_workers == oracle.trial_workers
+
+
+def _start(argv, tuner_id, port, log):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERASTUNER_ORACLE_IP": "127.0.0.1",
+           "KERASTUNER_ORACLE_PORT": str(port), "KERASTUNER_TUNER_ID": tuner_id}
+    return subprocess.Popen([sys.executable, "-m", "recipes.tune", *map(str, argv)],
+                            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_distributed_quick_search_survives_a_killed_worker(tmp_path):
+    """`--quick` by a chief and two worker processes on 127.0.0.1, worker tuner0 training each
+    of its trials on two replicas (`--strategy mirrored`); worker tuner1 is killed (SIGKILL)
+    in the middle of its first trial and started again with its tuner id: it runs that trial
+    again, every combination runs exactly once, and the chief writes the results with the
+    worker of each trial."""
+    output = tmp_path / "search"
+    argv = ["--quick", "--output", output, *TINY]
+    (port,) = launch.free_ports(1)
+    names = ("chief", "tuner0", "tuner1", "tuner1-again")
+    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in names}
+    processes = []
+    try:
+        chief = _start(argv, "chief", port, logs["chief"])
+        worker0 = _start([*argv, "--strategy", "mirrored", "--cpu-replicas", "2"], "tuner0",
+                         port, logs["tuner0"])
+        killed = _start([*argv, "--kill-trial", "1"], "tuner1", port, logs["tuner1"])
+        processes += [chief, worker0, killed]
+        assert killed.wait(timeout=300) == -signal.SIGKILL
+        again = _start(argv, "tuner1", port, logs["tuner1-again"])
+        processes.append(again)
+        statuses = [process.wait(timeout=300) for process in (worker0, again, chief)]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        text = {}
+        for name, log in logs.items():
+            log.seek(0)
+            text[name] = log.read()
+            log.close()
+    assert statuses == [0, 0, 0], {name: value[-2000:] for name, value in text.items()}
+
+    rows = read_rows(output)
+    assert sorted(pairs(rows)) == [("batch", 2), ("batch", 32), ("group", 2), ("group", 32)]
+    assert all(row["status"] == "COMPLETED" for row in rows)
+    assert {row["worker"] for row in rows} <= {"tuner0", "tuner1"}
+    assert all(int(row["replicas"]) == (2 if row["worker"] == "tuner0" else 1) for row in rows)
+    rerun = [row for row in rows if row["attempts"] == "2"]
+    assert len(rerun) == 1 and rerun[0]["worker"] == "tuner1"  # its own trial, run again
+    assert all(row["attempts"] == "1" for row in rows if row is not rerun[0])
+    oracle = json.loads((output / "search" / "oracle.json").read_text())
+    assert oracle["trial_workers"][rerun[0]["trial"]] == ["tuner1", "tuner1"]
+    assert "| worker | runs |" in (output / "results.md").read_text()
+    assert_png(output / "accuracy_vs_batch_size.png")
+    assert "Results:" in text["chief"] and "trial(s) run here" in text["tuner1-again"]
+
+
+def test_a_chief_that_cannot_listen_exits_2(tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+        monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(port))
+        monkeypatch.setenv("KERASTUNER_TUNER_ID", "chief")
+        assert run(["--quick", "--output", tmp_path, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"python -m recipes.tune: error: the chief oracle cannot listen on "
+                       f"127.0.0.1:{port} (KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT): "
+                       "address in use or not of this machine")
+
+
+def test_command_line_and_library_agree_on_the_heartbeat():
+    # recipes.tune keeps its own copies (it imports no Keras before parsing).
+    assert tune.DEFAULT_WORKER_TIMEOUT == tuning.DEFAULT_WORKER_TIMEOUT
+    assert tune.HEARTBEAT_SECONDS == tuning.HEARTBEAT_SECONDS
+
+
+def test_distributed_search_needs_every_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.delenv("KERASTUNER_ORACLE_PORT", raising=False)
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
+    assert run(["--quick", "--output", tmp_path, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "KERASTUNER_ORACLE_PORT must be set too" in err[0]
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "http")
+    assert run(["--quick", "--output", tmp_path, *TINY]) == 2
+    assert "KERASTUNER_ORACLE_PORT must be a port number, got 'http'" in capsys.readouterr().err
+
+
 def test_split_validation_is_disjoint_and_stratified():
     from recipes import datasets
 
@@ -304,6 +587,7 @@ def test_split_validation_is_disjoint_and_stratified():
     (["--placements", "all", "7"], "'small_cnn' has 3 norm positions"),
     (["--batch-sizes", "8,128"], "--batch-sizes [128] exceed the 64 training images"),
     (["--data", "/no/such/data.npz"], "does not exist"),
+    (["--worker-timeout", "3"], "expected at least 10 seconds (workers beat every 2 s)"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, fragment):
     base = ["--data", str(SMALL_NPZ), "--train-size", "64", "--val-size", "32",
