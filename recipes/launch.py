@@ -278,12 +278,6 @@ class Launcher:
                         self.stop(signal.SIGTERM)
 
 
-def _non_negative_int(text):
-    if str(text).strip() == "0":
-        return 0
-    return cli.positive_int(text)
-
-
 def build_parser():
     parser = cli.Parser(prog=PROG, description=__doc__.split("\n\n")[0] + "\n\n"
                         + "\n\n".join(__doc__.split("\n\n")[1:3]),
@@ -295,7 +289,7 @@ def build_parser():
     parser.add_argument("--host", default="127.0.0.1",
                         help="address every process listens on and connects to. Default: "
                              "127.0.0.1")
-    parser.add_argument("--restarts", type=_non_negative_int, default=2, metavar="N",
+    parser.add_argument("--restarts", type=cli.non_negative_int, default=2, metavar="N",
                         help="tune: times a dead worker is started again. Default: 2")
     parser.add_argument("--grace", type=cli.positive_float, default=30.0, metavar="SECONDS",
                         help="after Ctrl-C or a failure, kill what still runs this much later. "

@@ -144,7 +144,8 @@ def test_another_strategy_is_refused_in_one_line(capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["--workers", "0"], "expected a positive integer"),
     (["--recipe", "train"], "invalid choice: 'train'"),
-    (["--restarts", "-1"], "expected a positive integer"),
+    (["--restarts", "-1"], "expected an integer >= 0, got '-1'"),
+    (["--restarts", "x"], "expected an integer, got 'x'"),
 ])
 def test_bad_arguments_exit_2(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_:
