@@ -240,7 +240,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
     # -------------------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
         x = base.to_statistics_dtype(inputs)
-        mask = self._expand_mask(mask, x)
+        mask = base.expand_mask(self._owner, mask, x)  # Keras's layout, any channel axis
         gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
         if not self._uses_batch_statistics(training):
             mean = tf.reshape(tf.cast(self.moving_mean, x.dtype), self._param_shape)
@@ -293,11 +293,6 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             variance = tf.where(count > 1, variance * (count - 1) / count, 0.0)
             self._update_statistics(mean, variance, count > 0)
         return outputs
-
-    def _expand_mask(self, mask, x):
-        """Keras's mask (the input's shape without its last axis), expanded at -1 as Keras does
-        whatever the channel axis (see `base.expand_mask`)."""
-        return base.expand_mask(self._owner, mask, x)
 
     def _standardize(self, x, axes, gamma, beta, training, synchronized=False):
         """Unmasked batch statistics through the closed-form steps of `stats`, with the renorm
