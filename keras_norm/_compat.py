@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the TensorFlow build
 
 def optimization_barrier(*tensors):
     """`tensors` (a list) passed through XLA's optimization barrier, which keeps XLA from
-    merging the arithmetic on either side of it (see `keras_norm.stats._behind_barrier`).
+    merging the arithmetic on either side of it (see `keras_norm._math.kernels._behind_barrier`).
 
     Without the barrier op the tensors are returned as they are: the same values, but a
     kernel inlined into a `jit_compile=True` model may be merged with its neighbours and run

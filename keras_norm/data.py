@@ -1,7 +1,7 @@
 """Balanced-batch input pipelines (batch structure, Hajaj & Gillies 2018, arXiv:1802.07590).
 
 `balanced_batches` turns a finite `tf.data.Dataset` of `(features, label)` pairs into one whose
-every batch holds exactly `examples_per_class` examples of each class. See ALGORITHMS.md
+every batch holds exactly `examples_per_class` examples of each class. See docs/algorithms.md
 section 6 for why batch structure matters to batch normalization.
 """
 

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_norm.data import balanced_batches
-from keras_norm.statistics import batch_statistics
+from keras_norm.population import batch_statistics
 
 
 def _check_unbatched_pairs(function, dataset):

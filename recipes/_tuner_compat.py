@@ -1,17 +1,18 @@
 """KerasTuner's non-public API that the recipes rely on, listed in one place.
 
-KerasTuner (1.4) has no public hooks for what `recipes.tuning` changes: how many trials a
-Hyperband round holds, how a bracket draws its first round, which combinations were tried.
-Its oracles' private methods are overridden or called there; every one of them, and the
-private state and data layout those overrides read, is listed here, and
+KerasTuner (1.4) has no public hooks for what `recipes.oracles` and `recipes.tuning` change:
+how many trials a Hyperband round holds, how a bracket draws its first round, which
+combinations were tried. Its oracles' private methods are overridden or called there; every
+one of them, and the private state and data layout those overrides read, is listed here, and
 `tests/test_compat.py` checks each against the installed KerasTuner, so an upgrade that
 renames or reshapes one fails a test naming it rather than silently changing the search.
 """
 
 import keras_tuner as kt
 
-#: Private methods `recipes.tuning` overrides or calls: `(class, name, parameters)`, the
-#: class as KerasTuner exports it, the parameters without `self`.
+#: Private methods `recipes.oracles` (the oracles) and `recipes.tuning` (the tuners: `_is_worker`)
+#: override or call: `(class, name, parameters)`, the class as KerasTuner exports it, the
+#: parameters without `self`.
 PRIVATE_METHODS = (
     (kt.Oracle, "_duplicate", ("values",)),
     (kt.Oracle, "_compute_values_hash", ("values",)),
@@ -21,11 +22,10 @@ PRIVATE_METHODS = (
     (kt.oracles.HyperbandOracle, "_get_num_rounds", ("bracket_num",)),
     (kt.oracles.HyperbandOracle, "_get_num_brackets", ()),
     (kt.oracles.HyperbandOracle, "_random_trial", ("trial_id", "bracket")),
-    (kt.Tuner, "_build_hypermodel", ("hp",)),
     (kt.Tuner, "_is_worker", ()),
 )
 
-#: Private attributes the oracles of `recipes.tuning` read or change: `(class, name, type)`,
+#: Private attributes the oracles of `recipes.oracles` read or change: `(class, name, type)`,
 #: set by the class's constructor (`_retry_queue`: the ids of trials to run again).
 PRIVATE_ATTRIBUTES = (
     (kt.Oracle, "_seed_state", int),
@@ -38,7 +38,7 @@ PRIVATE_ATTRIBUTES = (
 
 #: Where KerasTuner keeps its gRPC service (the chief's server side, not exported): the
 #: module holding `get_service_grpc` and the request handler class. The recipes serve the
-#: chief's oracle from their own loop (`recipes.tuning.serve_oracle`), so they need both.
+#: chief's oracle from their own loop (`recipes.tuning.serve_search`), so they need both.
 GRPC_PROTOS = "keras_tuner.src.protos"
 ORACLE_SERVICER = "keras_tuner.src.distribute.oracle_chief.OracleServicer"
 

@@ -16,7 +16,7 @@ DEFAULT_TRAIN_SIZE = 10000
 DEFAULT_EPOCHS = 5
 
 PRESETS = {
-    # Mixture Normalization's CIFAR setting (ALGORITHMS.md section 7, the public Keras
+    # Mixture Normalization's CIFAR setting (docs/algorithms.md section 7, the public Keras
     # reproduction): the 5-layer CNN with MN replacing the batch norm of its second
     # convolution, AdamW at 1e-3 (= 5e-4 x 256/128) with weight decay 1e-4, batch 256,
     # 100 epochs on all training images.
@@ -80,7 +80,7 @@ exit status: 0 done, 2 bad arguments or data (one line on stderr), 1 other failu
 
 
 def _eval_modes(text):
-    from recipes.training import EVAL_MODES
+    from recipes.config import EVAL_MODES
 
     modes = [mode.strip() for mode in text.split(",") if mode.strip()]
     if modes == ["auto"]:
@@ -95,7 +95,7 @@ def _eval_modes(text):
 def build_parser():
     import keras_norm
     from recipes.models import MODELS
-    from recipes.training import BATCH_STRUCTURES, OPTIMIZERS, SCHEDULES, STRATEGIES
+    from recipes.config import BATCH_STRUCTURES, STRATEGIES
 
     parser = cli.Parser(prog="python -m recipes.cifar", description=DESCRIPTION, epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,17 +153,10 @@ def build_parser():
                        help=f"Default: {DEFAULT_EPOCHS}")
     group.add_argument("--steps-per-epoch", type=cli.positive_int, default=None, metavar="S",
                        help="batches per epoch (the data wraps around). Default: one pass")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                       help="sgd (momentum 0.9, default) or adamw")
     group.add_argument("--lr", type=cli.positive_float, default=0.1,
                        help="learning rate at batch 128; scaled linearly with the global batch "
                             "size. Default: 0.1")
-    group.add_argument("--weight-decay", type=cli.non_negative_float, default=5e-4,
-                       help="decoupled weight decay of conv and dense kernels. Default: 5e-4")
-    group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
-                       help="cosine decay to 0 (default) or constant")
-    group.add_argument("--warmup-epochs", type=cli.non_negative_float, default=0.0,
-                       help="linear warm-up epochs before the cosine decay. Default: 0")
+    cli.add_optimization_arguments(group)
     group.add_argument("--seed", type=int, default=0, help="Default: 0")
 
     group = parser.add_argument_group("evaluation and output")
@@ -178,15 +171,12 @@ def build_parser():
                        help="delete what --output holds and start again instead of resuming")
     group.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                        help="0 silent, 1 progress bar (default), 2 one line per epoch")
-    parser.add_argument("--stop-after-epochs", type=cli.positive_int, default=None,
-                        help=argparse.SUPPRESS)  # testing aid: die like a killed process
 
     group = parser.add_argument_group("hardware")
     group.add_argument("--strategy", choices=STRATEGIES, default="default",
                        help="default (one device), mirrored (all local GPUs, or the logical "
                             "CPUs of --cpu-replicas) or multiworker (from TF_CONFIG)")
-    group.add_argument("--cpu-replicas", type=cli.positive_int, default=None, metavar="N",
-                       help="split the CPU into N logical devices (mirrored runs on a CPU)")
+    cli.add_cpu_replicas_argument(group)
     group.add_argument("--jit", action="store_true",
                        help="compile the steps with XLA (on a CPU only with --strategy "
                             "default: TensorFlow has no XLA collectives there)")
@@ -206,28 +196,13 @@ def parse_args(argv=None):
 
 
 def to_config(args):
-    """The `RunConfig` of parsed arguments (sizes and batch size not yet data-dependent)."""
-    from recipes.training import RunConfig
+    """The `RunConfig` of parsed arguments (`recipes.config.from_args`), with the default
+    output folder; sizes and batch size are not yet data-dependent (see `prepare`)."""
+    from recipes import config
 
-    if args.data and args.dataset:
-        raise ValueError("give either --data or --dataset, not both")
     output = args.output or os.path.join(
         "runs", "cifar", f"{args.model}-{args.norm}-{args.placement}-seed{args.seed}")
-    return RunConfig(
-        model=args.model, norm=args.norm, norm_kwargs=args.norm_kwargs,
-        placement=args.placement, other_norm=args.other_norm,
-        head_norm=None if args.head_norm.strip().lower() == "none" else args.head_norm,
-        source=args.data or args.dataset,
-        train_size=None if args.train_size in ("all", None) else args.train_size,
-        test_size=None if args.test_size == "all" else args.test_size,
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        batch_structure=args.batch_structure, examples_per_class=args.examples_per_class,
-        augment=args.augment, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, seed=args.seed, eval_modes=args.eval,
-        recompute_steps=args.recompute_steps, strategy=args.strategy,
-        cpu_replicas=args.cpu_replicas, jit=args.jit, mixed_precision=args.mixed_precision,
-        output=output, verbose=args.verbose, stop_after_epochs=args.stop_after_epochs)
+    return config.from_args(args, output=output)
 
 
 def _check_norms(config):
@@ -254,17 +229,14 @@ def prepare(argv=None):
 
     Returns `(config, data, (strategy, is_chief, worker_id))`; raises `ConfigError`.
     """
-    from recipes import training
+    from recipes import distribution, evaluation_modes, outputs, training
 
     _, args = parse_args(argv)
-    try:
-        config = to_config(args)
-    except ValueError as err:
-        raise training.ConfigError(str(err)) from None
+    config = to_config(args)
     if config.cpu_replicas:
-        training.configure_cpu_replicas(config.cpu_replicas)
+        distribution.configure_cpu_replicas(config.cpu_replicas)
     # Multi-worker collectives need the strategy before TensorFlow runs anything else.
-    strategy, is_chief, worker_id = training.create_strategy(config.strategy, config.jit)
+    strategy, is_chief, worker_id = distribution.create_strategy(config.strategy, config.jit)
     try:
         _check_norms(config)
     except (ValueError, TypeError) as err:
@@ -281,13 +253,13 @@ def prepare(argv=None):
                              else training.REFERENCE_BATCH_SIZE)
     training.validate(config, data.num_classes)
     if config.eval_modes != ("auto",):
-        training.resolve_eval_modes(config, batch_dependent=True)
+        evaluation_modes.resolve_eval_modes(config, batch_dependent=True)
     try:  # What only the input shapes reveal, e.g. more groups than a layer has channels.
         training.build_model(config, data)
     except (ValueError, TypeError) as err:
         raise training.ConfigError(str(err).splitlines()[0]) from None
     if args.overwrite and is_chief:
-        training.clear_outputs(config.output)
+        outputs.clear_outputs(config.output)
     return config, data, (strategy, is_chief, worker_id)
 
 

@@ -127,3 +127,30 @@ def add_data_source_arguments(group):
                             ".tar.gz of one, or an .npz with x_train, y_train, x_test, y_test")
     group.add_argument("--dataset", choices=("cifar10", "cifar100"),
                        help="a TFDS data set already prepared on this machine")
+
+
+def add_optimization_arguments(group, span="the run"):
+    """`--optimizer`, `--weight-decay`, `--schedule` and `--warmup-epochs`: settings of
+    `recipes.config.OptimizationConfig` that `recipes.cifar` gives its run and `recipes.tune`
+    every trial, under the same names (`recipes.config.from_args` reads them by name).
+
+    Args:
+        group: The argument group to add them to.
+        span: What the cosine schedule decays over, for the help.
+    """
+    from recipes.config import OPTIMIZERS, SCHEDULES
+
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                       help="sgd (momentum 0.9, default) or adamw")
+    group.add_argument("--weight-decay", type=non_negative_float, default=5e-4,
+                       help="decoupled weight decay of conv and dense kernels. Default: 5e-4")
+    group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                       help=f"cosine decay to 0 over {span} (default) or constant")
+    group.add_argument("--warmup-epochs", type=non_negative_float, default=0.0,
+                       help="linear warm-up epochs before the cosine decay. Default: 0")
+
+
+def add_cpu_replicas_argument(group):
+    """`--cpu-replicas`: logical CPU devices for mirrored runs on a CPU."""
+    group.add_argument("--cpu-replicas", type=positive_int, default=None, metavar="N",
+                       help="split the CPU into N logical devices (mirrored runs on a CPU)")

@@ -56,8 +56,7 @@ def main(argv=None):
     from recipes import training
 
     results = json.loads((args.run / "results.json").read_text())
-    config = training.RunConfig(**{key: value for key, value in results["config"].items()
-                                   if key in training.RunConfig.__dataclass_fields__})
+    config = training.RunConfig.from_dict(results["config"])
     data = training.shrink(training.load_images(config.source), config)
     model = keras.models.load_model(args.run / "model.keras")
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -9,7 +9,7 @@ followed by a normalization):
   parameters. Shortcuts that change shape are the paper's parameter-free option A (stride-2
   subsampling and zero-padded channels), so every normalization sits in the residual branch.
 - ``mn_cnn``: the 5-layer CNN of the Mixture Normalization experiments (Kalayeh & Shah 2018,
-  arXiv:1806.02892, as in ALGORITHMS.md section 7): 5x5 convolutions with 64, 128, 128 and 256
+  arXiv:1806.02892, as in docs/algorithms.md section 7): 5x5 convolutions with 64, 128, 128 and 256
   channels, each followed by norm + ReLU, max pooling (3x3, stride 2) after the first three
   and 4x4 average pooling after the fourth, then a dense layer; 4 norm positions. The layer
   sizes and pooling follow the public Keras reproduction cited there (b-faye), in which the

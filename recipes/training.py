@@ -1,7 +1,11 @@
-"""Training for the CIFAR recipe: one custom loop for every distribution strategy.
+"""The one training path of the recipes: one custom loop for every distribution strategy.
+
+`fit` is the loop (epochs, checkpoints and resume, logs, divergence); `train` is `fit` plus
+the evaluation modes and the results of a `recipes.cifar` run; every trial of `recipes.tune`
+is a `fit` on its training images, tested on its validation images (`split_validation`).
 
 Keras 3's `Model.fit` fails under `MultiWorkerMirroredStrategy` (keras issue #20585), so the
-recipe trains with its own step, run by `strategy.run` inside a `tf.function`, for the default
+recipes train with their own step, run by `strategy.run` inside a `tf.function`, for the default
 strategy, `MirroredStrategy` and `MultiWorkerMirroredStrategy` alike. It keeps what `fit` gives:
 a `keras.utils.Progbar`, TensorBoard and CSV logs, and checkpoints.
 
@@ -23,7 +27,7 @@ The recipe, in short:
   interruption, without saving iterator state. With balanced batches under a strategy, each
   replica's slice of a global batch is balanced too when the replicas divide k.
 - After every epoch the test set is evaluated with the population statistics (the `test_`
-  columns of the logs and the curves).
+  columns of the logs and the curves), in batches of at least `EVAL_BATCH_SIZE`.
 - Checkpoints (`tf.train.CheckpointManager` in `OUTPUT/checkpoints`): model, optimizer (its
   step counter drives the schedule) and the number of finished epochs, written after every
   epoch. Started again with the same command, a run restores the latest one and continues
@@ -36,47 +40,41 @@ The recipe, in short:
   system when the workers run on different machines. When one worker dies, TensorFlow's
   health check aborts the others' collectives and they stop with `WorkerLostError`; starting
   every worker again resumes the run. `python -m recipes.launch` runs a cluster on one machine.
-- Evaluation modes run after training on a single-device copy of the trained model (the same
-  weights and statistics): `population` (moving statistics), `batch` (random test batches
-  normalized with their own statistics), `balanced` (class-balanced test batches, built with
-  the labels, normalized with their own statistics: the "conditional" evaluation of Hajaj &
-  Gillies 2018), `pseudo_balanced` (balanced by the model's own predicted labels),
-  `assignment` (balanced by a class-prior assignment of the test images, no labels) and
-  `recomputed` (population statistics recomputed as an equal-weight average over training
-  batches, "precise BN").
+- Elsewhere: the strategy and its devices (`create_strategy`) are `recipes.distribution`'s;
+  the output folder's file names, logs and recorded settings `recipes.outputs`'s; the
+  evaluation modes that `train` runs after training `recipes.evaluation_modes`'s.
+
+Also importable here (moved): `configure_cpu_replicas`, `create_strategy` (from
+`recipes.distribution`); `CSV_NAME`, `RUN_CONFIG_NAME`, `CSV_FIELDS`, `RUN_FOLDERS`,
+`RUN_FILES`, `clear_outputs`, `check_resumable` (from `recipes.outputs`);
+`resolve_eval_modes`, `evaluate_modes` (from `recipes.evaluation_modes`).
 """
 
-import csv
 import dataclasses
-import json
 import math
-import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from recipes.config import (  # noqa: F401  (re-exported: recipes.training.RunConfig etc.)
+    BATCH_STRUCTURES, EVAL_MODES, OPTIMIZERS, SCHEDULES, STRATEGIES, ConfigError, RunConfig)
+from recipes.distribution import configure_cpu_replicas, create_strategy  # noqa: F401
+from recipes.evaluation_modes import evaluate_modes, resolve_eval_modes  # noqa: F401
+from recipes.outputs import (  # noqa: F401
+    CSV_FIELDS, CSV_NAME, RUN_CONFIG_NAME, RUN_FILES, RUN_FOLDERS, _Logs, check_resumable,
+    clear_outputs)
+
 REFERENCE_BATCH_SIZE = 128
-EVAL_MODES = ("population", "batch", "balanced", "pseudo_balanced", "assignment", "recomputed")
-STRATEGIES = ("default", "mirrored", "multiworker")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
-BATCH_STRUCTURES = ("random", "balanced")
+#: Smallest batch of the evaluation passes with population statistics, whose results do not
+#: depend on the batch: a batch-2 run would otherwise evaluate 2 images per step.
+EVAL_BATCH_SIZE = 256
 #: Settings that must not change when a run is resumed from its checkpoints.
 RESUME_KEYS = ("model", "norm", "norm_kwargs", "placement", "other_norm", "head_norm",
                "source", "train_size", "batch_size", "batch_structure", "examples_per_class",
                "optimizer", "mixed_precision", "seed")
-CSV_NAME = "training_log.csv"
-RUN_CONFIG_NAME = "run_config.json"
-CSV_FIELDS = ("epoch", "loss", "accuracy", "test_loss", "test_accuracy", "learning_rate",
-              "seconds")
-
-
-class ConfigError(ValueError):
-    """A bad setting: the command line reports it in one line and exits with status 2."""
 
 
 class WorkerLostError(RuntimeError):
@@ -84,88 +82,26 @@ class WorkerLostError(RuntimeError):
 
 
 @dataclasses.dataclass
-class RunConfig:
-    """Everything a CIFAR run depends on (the command line fills it; see `recipes.cifar`)."""
+class Trained:
+    """What `fit` returns.
 
-    model: str = "small_cnn"
-    norm: str = "batch"
-    norm_kwargs: dict = dataclasses.field(default_factory=dict)
-    placement: str = "all"
-    other_norm: str = None
-    head_norm: str = None
-    source: str = None
-    train_size: int = None
-    test_size: int = None
-    epochs: int = 5
-    steps_per_epoch: int = None
-    batch_size: int = 128
-    batch_structure: str = "random"
-    examples_per_class: int = None
-    augment: bool = True
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    eval_modes: tuple = ("auto",)
-    recompute_steps: int = 200
-    strategy: str = "default"
-    cpu_replicas: int = None
-    jit: bool = False
-    mixed_precision: bool = False
-    output: str = None
-    verbose: int = 1
-    stop_after_epochs: int = None
+    Attributes:
+        model: The trained model (under the strategy), at the last finished epoch when
+            training diverged.
+        history: One row of `CSV_FIELDS` per finished epoch, resumed ones included (the
+            chief's; empty on other workers). `test_` columns are of `data`'s test split.
+        start_epoch: Epochs already finished when this call started (resume).
+        diverged_at: The 1-based epoch whose training loss was not finite, or None.
+        steps_per_epoch: Training steps per epoch.
+        replicas: Replicas of the strategy.
+    """
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-
-# ------------------------------------------------------------------------------ environment
-def configure_cpu_replicas(count):
-    """Splits the first CPU into `count` logical devices; must run before TensorFlow starts."""
-    import tensorflow as tf
-
-    cpus = tf.config.list_physical_devices("CPU")
-    try:
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
-    except RuntimeError as err:
-        raise ConfigError(f"--cpu-replicas must be set before TensorFlow starts ({err})") from None
-
-
-def create_strategy(name, jit=False):
-    """Returns `(strategy, is_chief, worker_id)` for `"default"|"mirrored"|"multiworker"`."""
-    import tensorflow as tf
-
-    has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    if jit and name != "default" and not has_gpu:
-        # Mirrored: XLA cannot reach variables on other logical CPU devices; multi-worker:
-        # "Collectives are not yet implemented for CPU devices when compiling with XLA".
-        raise ConfigError(f"--jit with --strategy {name} is not supported on CPU by TensorFlow "
-                          "(XLA has no CPU collectives); drop --jit or use --strategy default")
-    if name == "default":
-        return tf.distribute.get_strategy(), True, 0
-    if name == "mirrored":
-        devices = None if has_gpu else [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices), True, 0
-    if not os.environ.get("TF_CONFIG"):
-        raise ConfigError("--strategy multiworker needs the TF_CONFIG environment variable "
-                          "(cluster and task of this worker); see `--help`")
-    try:
-        tf_config = json.loads(os.environ["TF_CONFIG"])
-        task = tf_config["task"]
-        task_type, task_id = task["type"], int(task["index"])
-        cluster = tf_config["cluster"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"TF_CONFIG is not valid JSON with 'cluster' and 'task': {err}") from None
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
-                                        and "chief" not in cluster)
-    worker_id = task_id + (1 if "chief" in cluster and task_type == "worker" else 0)
-    return strategy, is_chief, worker_id
+    model: object
+    history: list
+    start_epoch: int
+    diverged_at: int
+    steps_per_epoch: int
+    replicas: int
 
 
 # ------------------------------------------------------------------------------------- data
@@ -190,6 +126,50 @@ def shrink(data, config):
         return datasets.subset(data, config.train_size, config.test_size, seed=config.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def split_validation(data, train_size, val_size, seed):
+    """Class-stratified, disjoint training and validation images from the training split.
+
+    A search selects on these (`recipes.tune`), never on the test split.
+
+    Args:
+        data: A `recipes.datasets.ImageData`.
+        train_size: Training images, or None for all but the validation ones.
+        val_size: Validation images.
+        seed: Seed of the split.
+
+    Returns:
+        An `ImageData` whose training split holds the training images and whose test split
+        holds the validation images (original order kept), so that `fit` reports validation
+        metrics in its `test_` columns.
+
+    Raises:
+        ConfigError: When the training split holds fewer than `train_size + val_size` images.
+    """
+    from recipes import datasets
+
+    available = len(data.y_train)
+    total = (train_size or available - val_size) + val_size
+    if val_size >= available or total > available:
+        raise ConfigError(
+            f"--train-size {train_size or 'all'} + --val-size {val_size} need more than the "
+            f"{available} images of the training split")
+    pool = datasets.subset(data, train_size=total, seed=seed) if total < available else data
+    x, y = pool.x_train, pool.y_train
+    rng = np.random.default_rng([int(seed), 7])
+    order = rng.permutation(len(y))
+    # Interleave the classes (rank within class / class size), so that any prefix of `order`
+    # is class-balanced, and take the validation images from the front.
+    rank = np.empty(len(y))
+    shuffled = y[order]
+    for label in np.unique(shuffled):
+        where = np.flatnonzero(shuffled == label)
+        rank[where] = (np.arange(len(where)) + 0.5) / len(where)
+    order = order[np.argsort(rank, kind="stable")]
+    val, train = np.sort(order[:val_size]), np.sort(order[val_size:])
+    return datasets.ImageData(x[train], y[train], x[val], y[val], data.class_names,
+                              source=data.source)
 
 
 def examples_per_class(config, num_classes):
@@ -312,83 +292,6 @@ def _current_learning_rate(optimizer):
     return float(rate.numpy() if hasattr(rate, "numpy") else rate)
 
 
-# --------------------------------------------------------------------------------- logging
-class _Logs:
-    """CSV and TensorBoard logs of the chief; rows of epochs not checkpointed are dropped."""
-
-    def __init__(self, output, enabled):
-        self.enabled = enabled
-        self.path = Path(output) / CSV_NAME
-        self.rows = []
-        if not enabled:
-            return
-        import tensorflow as tf
-
-        self.writers = {split: tf.summary.create_file_writer(str(Path(output) / "logs" / split))
-                        for split in ("train", "test")}
-
-    def restore(self, finished_epochs):
-        """Keeps the rows of the checkpointed epochs (a killed run may have logged one more)."""
-        if not self.enabled or not self.path.exists():
-            return
-        with open(self.path, newline="") as handle:
-            rows = [row for row in csv.DictReader(handle)]
-        self.rows = [{key: (int(value) if key == "epoch" else float(value))
-                      for key, value in row.items()}
-                     for row in rows if int(row["epoch"]) <= finished_epochs]
-        self._rewrite()
-
-    def _rewrite(self):
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-
-    def add(self, row):
-        if not self.enabled:
-            return
-        self.rows.append(row)
-        self._rewrite()
-        import tensorflow as tf
-
-        for split, prefix in (("train", ""), ("test", "test_")):
-            with self.writers[split].as_default(step=row["epoch"]):
-                tf.summary.scalar("epoch_loss", row[f"{prefix}loss"])
-                tf.summary.scalar("epoch_accuracy", row[f"{prefix}accuracy"])
-                if split == "train":
-                    tf.summary.scalar("learning_rate", row["learning_rate"])
-            self.writers[split].flush()
-
-
-def clear_outputs(output):
-    """Deletes what a run wrote into `output` (checkpoints, logs, results), nothing else."""
-    root = Path(output)
-    for name in ("checkpoints", "logs"):
-        shutil.rmtree(root / name, ignore_errors=True)
-    for name in (CSV_NAME, RUN_CONFIG_NAME, "results.json", "report.md", "curves.png",
-                 "evaluation.png", "model.keras"):
-        (root / name).unlink(missing_ok=True)
-
-
-def _check_resumable(output, config, enabled):
-    """Stores the run's settings, or checks that a resumed run did not change them."""
-    path = Path(output) / RUN_CONFIG_NAME
-    current = config.to_dict()
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = [key for key in RESUME_KEYS if saved.get(key) != current.get(key)]
-        if changed:
-            details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
-                                for key in changed)
-            raise ConfigError(f"{output} holds a run with other settings ({details}); use "
-                              "another --output, or --overwrite to start again")
-    if enabled:
-        # Atomically: other workers may read it at the same moment.
-        scratch = path.with_suffix(".tmp")
-        scratch.write_text(json.dumps(current, indent=2, sort_keys=True))
-        scratch.replace(path)
-
-
 # ------------------------------------------------------------------------------ the loop
 def _distributed_steps(strategy, model, optimizer, jit, mixed_precision):
     """Builds the `tf.function`s running one training / evaluation step on every replica.
@@ -472,24 +375,35 @@ def _print(config, is_chief, message):
         print(message, flush=True)
 
 
-def train(config, data, strategy, is_chief=True, worker_id=0):
-    """Trains (or resumes) and evaluates; returns `(results, folder)`: the results dict that
-    `recipes.report` writes, and the folder this worker wrote its outputs to.
+def fit(config, data, strategy, is_chief=True, worker_id=0, start_from=None):
+    """Trains (or resumes) a model: the one training loop of the recipes.
+
+    Every epoch trains on `data`'s training split, evaluates its test split with population
+    statistics, logs both (CSV, TensorBoard) and writes a checkpoint into
+    `config.output/checkpoints`; a run started again on the same output continues after its
+    last finished epoch. A non-finite training loss stops training (see `Trained`).
 
     Args:
         config: A `RunConfig` (validated: see `validate`).
-        data: The `recipes.datasets.ImageData` to train and test on.
+        data: The `recipes.datasets.ImageData` to train and test on (a search passes its
+            validation images as the test split).
         strategy: A `tf.distribute.Strategy` (see `create_strategy`).
         is_chief: Whether this process writes the outputs (multi-worker).
-        worker_id: This worker's index (multi-worker), for its own output folder.
+        worker_id: This worker's index (multi-worker), for its scratch checkpoints.
+        start_from: A checkpoint (path prefix) of another run of the same model, optimizer
+            and batch size to start from when `config.output` holds none: Hyperband's
+            continued trials start where the trial they continue stopped.
+
+    Returns:
+        A `Trained`.
     """
     import keras
     import tensorflow as tf
 
-    started = time.time()
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    _check_resumable(output, config, is_chief)
+    check_resumable(output / RUN_CONFIG_NAME, config.to_dict(), RESUME_KEYS, "run",
+                    write=is_chief)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(config.seed)
@@ -498,7 +412,7 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
         raise ConfigError(f"an epoch would hold no batch: {len(data.y_train)} training images "
                           f"for --batch-size {config.batch_size}")
     model, optimizer, checkpoint, latest = _restore_or_create(
-        config, data, strategy, output, epoch_steps)
+        config, data, strategy, output, epoch_steps, start_from)
     start_epoch = int(checkpoint.finished_epochs.numpy())
     if start_epoch:
         _print(config, is_chief, f"Resuming from {latest}: {start_epoch}/{config.epochs} epochs "
@@ -509,7 +423,7 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
                                           max_to_keep=2) if is_chief else None)
     train_step, test_step = _distributed_steps(strategy, model, optimizer, config.jit,
                                                config.mixed_precision)
-    test_batches = test_examples(data).batch(config.batch_size)
+    test_batches = test_examples(data).batch(max(config.batch_size, EVAL_BATCH_SIZE))
     distributed_test = strategy.experimental_distribute_dataset(test_batches)
     diverged_at = None
     for epoch in range(start_epoch, config.epochs):
@@ -541,12 +455,7 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
                   "learning_rate": _current_learning_rate(optimizer),
                   "seconds": time.time() - epoch_started})
         _save_checkpoint(checkpoint, manager, output, worker_id)
-        if config.stop_after_epochs and epoch + 1 == config.stop_after_epochs < config.epochs:
-            # Testing aid: end abruptly, as if the process were killed here.
-            os.kill(os.getpid(), signal.SIGKILL)
 
-    # Every worker reads the weights at the same point: under MultiWorkerMirroredStrategy,
-    # reading replica-averaged statistics is a collective operation.
     if diverged_at is not None:
         last_good = tf.train.latest_checkpoint(str(output / "checkpoints"))
         if last_good:
@@ -554,8 +463,34 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
         _print(config, is_chief, f"Evaluating the weights after epoch {diverged_at - 1}, the "
                                  "last finished one." if last_good else
                                  "No epoch finished: the evaluation is of the diverged weights.")
+    return Trained(model=model, history=logs.rows, start_epoch=start_epoch,
+                   diverged_at=diverged_at, steps_per_epoch=epoch_steps,
+                   replicas=strategy.num_replicas_in_sync)
+
+
+def train(config, data, strategy, is_chief=True, worker_id=0):
+    """Trains (or resumes) with `fit`, then evaluates; returns `(results, folder)`: the
+    results dict that `recipes.report` writes, and the folder this worker wrote its outputs
+    to.
+
+    Args:
+        config: A `RunConfig` (validated: see `validate`).
+        data: The `recipes.datasets.ImageData` to train and test on.
+        strategy: A `tf.distribute.Strategy` (see `create_strategy`).
+        is_chief: Whether this process writes the outputs (multi-worker).
+        worker_id: This worker's index (multi-worker), for its own output folder.
+    """
+    import keras
+    import tensorflow as tf
+
+    started = time.time()
+    trained = fit(config, data, strategy, is_chief, worker_id)
+    model = trained.model
+    # Every worker reads the weights at the same point: under MultiWorkerMirroredStrategy,
+    # reading replica-averaged statistics is a collective operation.
     eval_model = build_model(config, data)
     eval_model.set_weights(model.get_weights())
+    output = Path(config.output)
     folder = output if is_chief else output / f"worker-{worker_id}"
     folder.mkdir(parents=True, exist_ok=True)
     eval_model.save(folder / "model.keras")
@@ -569,26 +504,27 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
         "model": {"name": model.name, "parameters": int(model.count_params()),
                   "norm_layers": [layer.name for layer in model.layers
                                   if layer.name.endswith("_norm")]},
-        "training": {"strategy": config.strategy, "replicas": strategy.num_replicas_in_sync,
+        "training": {"strategy": config.strategy, "replicas": trained.replicas,
                      "global_batch_size": config.batch_size,
                      "learning_rate": scaled_learning_rate(config),
-                     "steps_per_epoch": epoch_steps, "resumed_at_epoch": start_epoch,
-                     "diverged_at_epoch": diverged_at, "history": logs.rows},
+                     "steps_per_epoch": trained.steps_per_epoch,
+                     "resumed_at_epoch": trained.start_epoch,
+                     "diverged_at_epoch": trained.diverged_at, "history": trained.history},
     }
     if is_chief:
         results["evaluation"], results["skipped_evaluation"] = evaluate_modes(
             config, data, eval_model)
     else:
         results["evaluation"] = {"population": eval_model.evaluate(
-            test_batches, verbose=0, return_dict=True)}
+            test_examples(data).batch(config.batch_size), verbose=0, return_dict=True)}
     results["seconds"] = time.time() - started
     results["versions"] = {"tensorflow": tf.__version__, "keras": keras.__version__}
     return results, folder
 
 
-def _restore_or_create(config, data, strategy, output, epoch_steps):
+def _restore_or_create(config, data, strategy, output, epoch_steps, start_from=None):
     """Model, optimizer and a `tf.train.Checkpoint` of both plus `finished_epochs`, restored
-    from the latest checkpoint in `output/checkpoints` when there is one."""
+    from the latest checkpoint in `output/checkpoints`, else from `start_from` if given."""
     import keras
     import tensorflow as tf
 
@@ -602,7 +538,7 @@ def _restore_or_create(config, data, strategy, output, epoch_steps):
         optimizer.build(model.trainable_variables)
     finished = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, finished_epochs=finished)
-    latest = tf.train.latest_checkpoint(str(output / "checkpoints"))
+    latest = tf.train.latest_checkpoint(str(output / "checkpoints")) or start_from
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
     return model, optimizer, checkpoint, latest
@@ -619,102 +555,3 @@ def _save_checkpoint(checkpoint, manager, output, worker_id):
         checkpoint.write(str(scratch / "ckpt"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------ evaluation
-def _mode_available(mode):
-    """Whether the keras_norm module a mode needs is installed (None) or why not (str)."""
-    import importlib
-
-    needs = {"batch": "keras_norm.evaluation", "balanced": "keras_norm.evaluation",
-             "pseudo_balanced": "keras_norm.evaluation", "assignment": "keras_norm.evaluation",
-             "recomputed": "keras_norm.statistics"}.get(mode)
-    if needs is None:
-        return None
-    try:
-        importlib.import_module(needs)
-    except ImportError:
-        return f"needs {needs}, which this keras_norm does not have"
-    return None
-
-
-def resolve_eval_modes(config, batch_dependent):
-    """The evaluation modes to run and the ones skipped with their reason.
-
-    `"auto"` means population statistics plus, for batch-dependent norms, `batch` and
-    `recomputed`, and with balanced training batches also `balanced` and `pseudo_balanced`;
-    modes whose keras_norm module is missing are skipped (explicit ones raise `ConfigError`).
-    """
-    if tuple(config.eval_modes) == ("auto",):
-        modes = ["population"]
-        if batch_dependent:
-            modes += ["batch"]
-            if config.batch_structure == "balanced":
-                modes += ["balanced", "pseudo_balanced"]
-            modes += ["recomputed"]
-        skipped = {mode: reason for mode in modes if (reason := _mode_available(mode))}
-        return [mode for mode in modes if mode not in skipped], skipped
-    for mode in config.eval_modes:
-        reason = _mode_available(mode)
-        if reason:
-            raise ConfigError(f"--eval {mode} {reason}")
-    return list(config.eval_modes), {}
-
-
-def evaluate_modes(config, data, model):
-    """Runs the evaluation modes on a single-device compiled `model`; returns
-    `({mode: metrics}, {skipped mode: reason})`. `recomputed` runs last (it changes the
-    model's population statistics)."""
-    import keras_norm
-
-    batch_dependent = any(keras_norm.spec(name).batch_dependent
-                          for name in (config.norm, config.other_norm, config.head_norm)
-                          if name)
-    modes, skipped = resolve_eval_modes(config, batch_dependent)
-    k = (examples_per_class(config, data.num_classes) if config.batch_structure == "balanced"
-         else max(1, config.batch_size // data.num_classes))
-    examples = test_examples(data)
-    results = {}
-    for mode in sorted(modes, key=lambda m: m == "recomputed"):
-        started = time.time()
-        try:
-            metrics = _evaluate_mode(mode, config, data, model, examples, k)
-        except ValueError as err:
-            # E.g. pseudo-balanced batches when the model predicts some class too rarely: the
-            # trained run stays valid, the report says why this mode has no number.
-            skipped[mode] = str(err).splitlines()[0]
-            _print(config, True, f"  {mode:>16}: skipped ({skipped[mode]})")
-            continue
-        results[mode] = {key: float(value) for key, value in metrics.items()}
-        results[mode]["seconds"] = time.time() - started
-        _print(config, True, f"  {mode:>16}: accuracy {results[mode]['accuracy']:.4f}, "
-                             f"loss {results[mode]['loss']:.4f}")
-    return results, skipped
-
-
-def _evaluate_mode(mode, config, data, model, examples, k):
-    """One evaluation mode's metrics dict (`model.evaluate(return_dict=True)` style)."""
-    population = examples.batch(config.batch_size)
-    if mode == "population":
-        return model.evaluate(population, verbose=0, return_dict=True)
-    if mode == "recomputed":
-        from keras_norm import statistics
-
-        # Batches as in training (structure, size, augmentation), from one more epoch's seed.
-        train_batches = _train_dataset(config, data, config.epochs, 1)
-        steps = min(config.recompute_steps, steps_per_epoch(config, data))
-        statistics.recompute_statistics(model, train_batches, steps=steps, verbose=0)
-        return model.evaluate(population, verbose=0, return_dict=True)
-    from keras_norm import evaluation
-
-    if mode == "batch":
-        return evaluation.evaluate_batch_statistics(model, examples, config.batch_size,
-                                                    seed=config.seed)
-    if mode == "balanced":
-        return evaluation.evaluate_balanced(model, examples, data.num_classes, k,
-                                            seed=config.seed)
-    if mode == "assignment":
-        return evaluation.evaluate_pseudo_balanced(model, examples, data.num_classes, k,
-                                                   seed=config.seed, method="assignment")
-    return evaluation.evaluate_pseudo_balanced(model, examples, data.num_classes, k,
-                                               seed=config.seed)

@@ -1,9 +1,10 @@
 """Which normalization for my batch size? A KerasTuner search: `python -m recipes.tune`.
 
 The command line only: argument parsing, the `--quick` preset, checks, resume bookkeeping and
-the printed summary. The search itself (hypermodel, oracles, tuners, results table and plot)
-is `recipes.tuning`; data, models and the optimizer recipe are shared with `recipes.cifar`
-(`recipes.datasets`, `recipes.models`, `recipes.training`).
+the printed summary. The search itself (hypermodel, oracles, tuners) is `recipes.tuning`; a
+trial is trained as the same `recipes.cifar` run would be, by `recipes.training` (which also
+holds the validation split, the resume check and the output clean-up shared with
+`recipes.cifar`), from the `RunConfig` of `recipes.config.from_args`.
 """
 
 import argparse
@@ -12,8 +13,6 @@ import json
 import os
 import sys
 from pathlib import Path
-
-import numpy as np
 
 from recipes import cli
 from recipes.cifar import DEFAULT_TRAIN_SIZE
@@ -28,6 +27,9 @@ DEFAULT_WORKER_TIMEOUT = 60.0
 HEARTBEAT_SECONDS = 2.0
 MIN_WORKER_TIMEOUT = 5 * HEARTBEAT_SECONDS
 SEARCH_CONFIG_NAME = "search_config.json"
+#: What a search writes into its output folder (`--overwrite` deletes them).
+SEARCH_FOLDERS = ("search",)
+SEARCH_FILES = (SEARCH_CONFIG_NAME, "results.csv", "results.md", "accuracy_vs_batch_size.png")
 #: Settings a resumed search must keep (the others, such as --max-trials, may change).
 RESUME_KEYS = ("tuner", "norms", "batch_sizes", "models", "placements", "lrs", "norm_kwargs",
                "epochs", "source", "train_size", "val_size", "augment", "optimizer",
@@ -42,10 +44,11 @@ DESCRIPTION = f"""\
 Search normalization type x batch size (and optionally model, placement, learning rate) with
 KerasTuner, on the models and data of `python -m recipes.cifar`.
 
-Each trial builds the model with the trial's norm (build), then trains it at the trial's batch
-size (fit), with the learning rate scaled linearly from its value at batch 128 and a cosine
-schedule over the trial's epochs, and scores it by the best validation accuracy over its
-epochs. Validation images are held out of the training split (class-stratified, never the
+Each trial is the `recipes.cifar` run of its norm, batch size, ... (the same model, learning
+rate scaled linearly from its value at batch 128, schedule over the trial's epochs, optimizer,
+augmentation, training loop and checkpoints, in OUTPUT/search/trial_<id>/), trained on the
+training images and scored by its best validation accuracy over its epochs. Validation
+images are held out of the training split (class-stratified, never the
 test split). At the end it writes OUTPUT/results.csv and OUTPUT/results.md (one row per trial)
 and OUTPUT/accuracy_vs_batch_size.png (validation accuracy vs batch size, one line per norm),
 and prints the best configuration.
@@ -176,7 +179,6 @@ def _norm_kwargs(text):
 def build_parser():
     import keras_norm
     from recipes.models import MODELS
-    from recipes.training import OPTIMIZERS, SCHEDULES
     from recipes.tuning import TUNERS
 
     parser = cli.Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
@@ -238,14 +240,7 @@ def build_parser():
                        help="turn off the random crop and flip")
 
     group = parser.add_argument_group("optimization (as recipes.cifar)")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                       help="sgd (momentum 0.9, default) or adamw")
-    group.add_argument("--weight-decay", type=cli.non_negative_float, default=5e-4,
-                       help="decoupled weight decay of conv and dense kernels. Default: 5e-4")
-    group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
-                       help="cosine decay to 0 over each trial (default) or constant")
-    group.add_argument("--warmup-epochs", type=cli.non_negative_float, default=0.0,
-                       help="linear warm-up epochs. Default: 0")
+    cli.add_optimization_arguments(group, span="each trial")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of the data split, initialization, data order and the "
                             "tuner. Default: 0")
@@ -263,8 +258,7 @@ def build_parser():
     group.add_argument("--strategy", choices=("default", "mirrored"), default="default",
                        help="default (one device) or mirrored (every trial on all local GPUs, "
                             "or the logical CPUs of --cpu-replicas)")
-    group.add_argument("--cpu-replicas", type=cli.positive_int, default=None, metavar="N",
-                       help="split the CPU into N logical devices (mirrored runs on a CPU)")
+    cli.add_cpu_replicas_argument(group)
 
     group = parser.add_argument_group(
         "distributed search (KerasTuner's chief/worker mode, set by environment variables)")
@@ -273,14 +267,6 @@ def build_parser():
                        help="chief: give the trial of a worker silent this long (dead, or cut "
                             "off) to the next worker that asks. Workers send a heartbeat every "
                             f"few seconds while they train. Default: {DEFAULT_WORKER_TIMEOUT:g}")
-    # Testing aids: stop cleanly after N trials of this process; simulate Ctrl-C at the start
-    # of this process's N-th trial; die (SIGKILL) after the first batch of its N-th trial.
-    parser.add_argument("--stop-after-trials", type=cli.positive_int, default=None,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--interrupt-trial", type=cli.positive_int, default=None,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--kill-trial", type=cli.positive_int, default=None,
-                        help=argparse.SUPPRESS)
     return parser
 
 
@@ -370,42 +356,6 @@ def _config_error(message):
     return ConfigError(message)
 
 
-def split_validation(data, train_size, val_size, seed):
-    """Class-stratified, disjoint training and validation sets from the training split.
-
-    Args:
-        data: A `recipes.datasets.ImageData`.
-        train_size: Training images, or None for all but the validation ones.
-        val_size: Validation images.
-        seed: Seed of the split.
-
-    Returns:
-        `(x_train, y_train, x_val, y_val)` uint8 / int32 arrays (original order kept).
-    """
-    from recipes import datasets
-
-    available = len(data.y_train)
-    total = (train_size or available - val_size) + val_size
-    if val_size >= available or total > available:
-        raise _config_error(
-            f"--train-size {train_size or 'all'} + --val-size {val_size} need more than the "
-            f"{available} images of the training split")
-    pool = datasets.subset(data, train_size=total, seed=seed) if total < available else data
-    x, y = pool.x_train, pool.y_train
-    rng = np.random.default_rng([int(seed), 7])
-    order = rng.permutation(len(y))
-    # Interleave the classes (rank within class / class size), so that any prefix of `order`
-    # is class-balanced, and take the validation images from the front.
-    rank = np.empty(len(y))
-    shuffled = y[order]
-    for label in np.unique(shuffled):
-        where = np.flatnonzero(shuffled == label)
-        rank[where] = (np.arange(len(where)) + 0.5) / len(where)
-    order = order[np.argsort(rank, kind="stable")]
-    val, train = np.sort(order[:val_size]), np.sort(order[val_size:])
-    return x[train], y[train], x[val], y[val]
-
-
 def _default_sizes(args, available):
     val_size = args.val_size or min(DEFAULT_VAL_SIZE, available // 5)
     if args.train_size == "all":
@@ -429,54 +379,15 @@ def _search_config(args, source, train_size, val_size):
             "strategy": args.strategy}
 
 
-def check_resumable(output, config, write=True):
-    """Refuses to continue a search in `output` that was started with other settings, then
-    records `config` there (unless `write` is false: distributed workers only check)."""
-    path = Path(output) / SEARCH_CONFIG_NAME
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = [key for key in RESUME_KEYS if saved.get(key) != config.get(key)]
-        if changed:
-            details = "; ".join(f"{key}: {saved.get(key)!r} -> {config.get(key)!r}"
-                                for key in changed)
-            raise _config_error(f"{output} holds a search with other settings ({details}); use "
-                                "another --output, or --overwrite to start again")
-    if not write:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def clear_outputs(output):
-    """Deletes what a search wrote into `output` (tuner state, results), nothing else."""
-    import shutil
-
-    root = Path(output)
-    shutil.rmtree(root / "search", ignore_errors=True)
-    for name in (SEARCH_CONFIG_NAME, "results.csv", "results.md", "accuracy_vs_batch_size.png"):
-        (root / name).unlink(missing_ok=True)
-
-
-def _configure_cpu_replicas(count):
-    """`recipes.training.configure_cpu_replicas`, accepting a runtime already split so."""
-    import tensorflow as tf
-
-    from recipes import training
-
-    try:
-        training.configure_cpu_replicas(count)
-    except training.ConfigError:
-        if len(tf.config.list_logical_devices("CPU")) != count:
-            raise
-
-
 def prepare(argv=None):
     """Parses and checks everything before the search; raises `ConfigError`.
 
     Returns:
-        A dict with `args`, the data arrays, the hypermodel's settings and the strategy.
+        A dict with `args`, the search's settings (`config`), the data and its `split`
+        (training images, and the validation images as test split), the distributed `role`
+        and the strategy.
     """
-    from recipes import datasets, training, tuning
+    from recipes import datasets, distribution, outputs, training, tuning
 
     args = parse_args(argv)
     try:
@@ -487,11 +398,11 @@ def prepare(argv=None):
     if chief:
         _hide_gpus()
     if args.cpu_replicas:
-        _configure_cpu_replicas(args.cpu_replicas)
+        distribution.configure_cpu_replicas(args.cpu_replicas)
     if chief:  # the chief only serves the oracle: the strategy is the workers' business
         strategy, replicas = None, 1
     else:
-        strategy, _, _ = training.create_strategy(args.strategy)
+        strategy, _, _ = distribution.create_strategy(args.strategy)
         replicas = strategy.num_replicas_in_sync
     _check_norms(args)
     source = args.data or args.dataset
@@ -501,27 +412,27 @@ def prepare(argv=None):
         raise training.ConfigError(str(err).splitlines()[0]) from None
     _check_models(args, data)
     train_size, val_size = _default_sizes(args, len(data.y_train))
-    x_train, y_train, x_val, y_val = split_validation(data, train_size, val_size, args.seed)
-    too_big = [size for size in args.batch_sizes if size > len(y_train)]
+    split = training.split_validation(data, train_size, val_size, args.seed)
+    too_big = [size for size in args.batch_sizes if size > len(split.y_train)]
     if too_big:
-        raise training.ConfigError(f"--batch-sizes {too_big} exceed the {len(y_train)} "
+        raise training.ConfigError(f"--batch-sizes {too_big} exceed the {len(split.y_train)} "
                                    "training images (an epoch would hold no batch)")
     uneven = [size for size in args.batch_sizes if size % replicas]
     if uneven:
         raise training.ConfigError(f"--batch-sizes {uneven} do not split evenly over the "
                                    f"{replicas} replicas of --strategy {args.strategy}")
     config = _search_config(args, data.source if source is None else str(source),
-                            len(y_train), len(y_val))
+                            len(split.y_train), len(split.y_test))
+    recorded = Path(args.output) / SEARCH_CONFIG_NAME
     if role is None or chief:
         if args.overwrite:
-            clear_outputs(args.output)
-        check_resumable(args.output, config)
+            outputs.clear_outputs(args.output, folders=SEARCH_FOLDERS, files=SEARCH_FILES)
+        outputs.check_resumable(recorded, config, RESUME_KEYS, "search")
     elif not args.overwrite:
         # A worker only checks its settings against the chief's, where --output is shared (the
         # chief records them; with --overwrite it is about to replace them).
-        check_resumable(args.output, config, write=False)
-    return {"args": args, "config": config, "data": data, "role": role,
-            "arrays": (x_train, y_train, x_val, y_val),
+        outputs.check_resumable(recorded, config, RESUME_KEYS, "search", write=False)
+    return {"args": args, "config": config, "data": data, "role": role, "split": split,
             "strategy": strategy if args.strategy != "default" else None}
 
 
@@ -541,21 +452,23 @@ def build_tuner(setup):
     """The hypermodel and tuner of a prepared command line."""
     from recipes import tuning
 
+    from recipes import config
+
     args, data = setup["args"], setup["data"]
+    # One run's settings from the search's arguments; the search's own lists (norms, sizes,
+    # per-norm arguments) are the trials' business, and a trial trains the split as given.
+    trial_base = config.from_args(args, train_size=None, test_size=None, norm_kwargs={},
+                                  eval_modes=("population",), output=None)
     hypermodel = tuning.NormBatchHyperModel(
         norms=args.norms, batch_sizes=args.batch_sizes, num_classes=data.num_classes,
         input_shape=data.image_shape, model_names=args.models, placements=args.placements,
-        learning_rates=args.lrs, norm_kwargs=args.norm_kwargs, epochs=args.epochs,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, augment=args.augment, seed=args.seed)
+        learning_rates=args.lrs, norm_kwargs=args.norm_kwargs, config=trial_base)
     # KerasTuner treats seed 0 as "no seed".
     return tuning.make_tuner(
         args.tuner, hypermodel, directory=args.output, max_trials=args.max_trials,
         epochs=args.epochs, seed=args.seed + 1, distribution_strategy=setup["strategy"],
         num_initial_points=args.initial_points, hyperband_factor=args.hyperband_factor,
-        hyperband_iterations=args.hyperband_iterations,
-        stop_after_trials=args.stop_after_trials, interrupt_trial=args.interrupt_trial,
-        kill_trial=args.kill_trial, worker_timeout=args.worker_timeout)
+        hyperband_iterations=args.hyperband_iterations, worker_timeout=args.worker_timeout)
 
 
 def _plan(tuner, args):
@@ -615,13 +528,9 @@ def main(argv=None):
             print(_plan(tuner, args), flush=True)
         if role is not None:
             print(_role_line(role), flush=True)
-    x_train, y_train, x_val, y_val = setup["arrays"]
     status, note = 0, None
     try:
-        tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,
-                     verbose=args.verbose)
-    except tuning.StopSearch as stop:
-        note = f"{stop} as asked; run the same command again to continue."
+        tuner.search(setup["split"], epochs=args.epochs, verbose=args.verbose)
     except KeyboardInterrupt:
         status, note = 130, "Interrupted; run the same command again to continue."
     except OSError as err:  # the chief cannot listen on its address

@@ -1,76 +1,76 @@
 """KerasTuner search over normalization type x batch size: the library behind `recipes.tune`.
 
-- `NormBatchHyperModel`: a `keras_tuner.HyperModel` whose `build(hp)` picks the model, the
-  normalization, its placement and the base learning rate and compiles, and whose
-  `fit(hp, model, x, y, validation_data=..., **kwargs)` picks the batch size, builds the
-  trial's input pipeline at that batch size from the *unbatched* data it is given, scales the
-  learning rate with the batch size as `recipes.training` does (a tuned learning rate is the
-  rate at batch 128) and passes `**kwargs` (the tuner's callbacks) on to `model.fit`.
-- `GridOracle` / `GridSearch`: every combination of the search space exactly once. It
-  replaces KerasTuner's own `GridSearch`, whose oracle keeps its progress only in memory: in
-  KerasTuner 1.4.8 a reloaded `GridSearch` either stops at once (nothing queued) or, when a
-  trial was interrupted, fails with a `KeyError` in `populate_space` (the reloaded trial id
-  is missing from its in-memory linked list). `GridOracle` keeps no state of its own: the next
-  trial is the first combination, in a fixed order, whose values no trial has used yet
-  (KerasTuner's saved `tried_so_far` hashes), so a reloaded search continues exactly.
-- `BayesianOptimizationOracle` here is KerasTuner's, except that it never proposes a
-  combination that was already tried (KerasTuner's returns the Gaussian process's optimum even
-  when that point has been evaluated, which on a small discrete space repeats trials); it
-  falls back to an untried random combination and stops when there is none.
-- `HyperbandOracle` here is KerasTuner's, fitted to a small finite space: KerasTuner's stops the
-  whole search as soon as a bracket's first round cannot get a configuration never tried
-  before, which on a space of, say, 8 norm x batch-size pairs happens before any successive
-  halving; here round sizes are capped by the number of combinations and each bracket draws
-  its own (see the class).
+- `NormBatchHyperModel`: a `keras_tuner.HyperModel` over the model, the normalization, its
+  placement, the base learning rate and the batch size. A trial is the `recipes.cifar` run of
+  its hyperparameters (`trial_config`, a `recipes.config.RunConfig`), trained by
+  `recipes.training.fit` (`train`): the same model building, learning-rate scaling and
+  schedule, optimizer, augmentation, input pipeline, checkpoints, logs and divergence
+  handling, on the search's training images, scored on its validation images.
+- `GridSearch`, `RandomSearch`, `BayesianOptimization`, `Hyperband`: the tuners, over the
+  oracles of `recipes.oracles` (`GridOracle`, `RandomSearchOracle`,
+  `BayesianOptimizationOracle`, `HyperbandOracle`: every combination once and resumable, no
+  repeated trials, Hyperband fitted to a small finite space; see there).
 - `make_tuner(...)`: the tuner of a given kind (`random`, `bayesian`, `hyperband`, `grid`),
-  resumable (`overwrite=False` reloads the project), with hooks to stop after a number of
-  trials (`stop_after_trials`) or to simulate Ctrl-C at a trial's start (`interrupt_trial`).
+  resumable (`overwrite=False` reloads the project). Each tuner runs its trials through
+  `NormBatchHyperModel.train`, in the trial's own folder (`search/trial_<id>/`).
 - `trial_rows`, `write_results`: one row per trial into `results.csv` and `results.md`, and the
   "validation accuracy vs batch size, one line per norm" picture.
-- Distributed search (KerasTuner's chief/worker mode, `distributed_role`): every oracle here
-  is a `SharedSearchOracle` (which tuner ran each trial; a lost worker's trial re-queued after
-  `worker_timeout` seconds without a heartbeat; idle workers kept until the search is over),
-  the chief serves it with `serve_search`, and the tuners' `_Controlled` mixin sends the
-  workers' heartbeats.
+- Distributed search (KerasTuner's chief/worker mode, `distributed_role`): every oracle of
+  `recipes.oracles` is a `SharedSearchOracle` (which tuner ran each trial; a lost worker's
+  trial re-queued after `worker_timeout` seconds without a heartbeat; idle workers kept until
+  the search is over), the chief serves it with `serve_search`, and the tuners'
+  `_SearchTuner` mixin sends the workers' heartbeats.
 
 Resuming, per tuner (all tested in `tests/test_recipes_tune.py`): KerasTuner saves every trial
 (`trial_*/trial.json`) and the oracle's state (`oracle.json`) when a trial starts and ends.
 Started again on the same folder, a tuner reloads them; a trial that was running when the
-process died is put in KerasTuner's retry queue and run again first (under the same trial id),
-and finished trials are never run again: random search and the oracles here skip values whose
-hash is in the saved `tried_so_far`, and Hyperband continues its saved brackets (where, by
-design, one combination may run in several brackets, at different budgets).
+process died is put in KerasTuner's retry queue and run again first (under the same trial id,
+its training resuming after its last checkpointed epoch), and finished trials are never run
+again: the oracles of `recipes.oracles` skip values whose hash is in the saved
+`tried_so_far`, and Hyperband continues its saved brackets (where, by design, one combination
+may run in several brackets, at different budgets).
+
+Also importable here (from `recipes.oracles`): `SharedSearchOracle`, `GridOracle`,
+`RandomSearchOracle`, `BayesianOptimizationOracle`, `HyperbandOracle`,
+`DEFAULT_WORKER_TIMEOUT`.
 """
 
-import itertools
 import math
 import os
-import random
-import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import keras
 import keras_tuner as kt
-import numpy as np
 
 from recipes import _tuner_compat, models, training
+from recipes.oracles import (  # noqa: F401  (re-exported: recipes.tuning.GridOracle etc.)
+    DEFAULT_WORKER_TIMEOUT,
+    BayesianOptimizationOracle,
+    GridOracle,
+    HyperbandOracle,
+    RandomSearchOracle,
+    SharedSearchOracle,
+    _enumerable_values,
+)
+# The search's results files live in recipes.report.search; OBJECTIVE (the score's metric) and
+# RESULT_FIELDS (the columns of results.csv) are shared with it, the rest is importable here.
+from recipes.report.search import (  # noqa: F401
+    OBJECTIVE,
+    RESULT_FIELDS,
+    best_row,
+    describe,
+    markdown,
+    plot_accuracy_vs_batch_size,
+    write_results,
+)
 
-OBJECTIVE = "val_accuracy"
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 #: Hyperparameter names, in the order of the grid and of the results table.
 HP_NAMES = ("norm", "batch_size", "model", "placement", "lr")
-#: Columns of `results.csv`.
-RESULT_FIELDS = ("trial", "status", "norm", "batch_size", "model", "placement", "lr",
-                 "learning_rate", "epochs", "val_accuracy", "best_epoch", "val_loss",
-                 "accuracy", "steps", "replicas", "seconds", "worker", "attempts")
-EVAL_BATCH_SIZE = 256
 #: Distributed search: a worker tells the chief it is alive this often while it trains.
 HEARTBEAT_SECONDS = 2.0
-#: Distributed search: the chief gives a silent worker's trial to another worker after this.
-DEFAULT_WORKER_TIMEOUT = 60.0
 #: Distributed search: a worker that got no trial (the others still run theirs) asks again
 #: after this long.
 IDLE_POLL_SECONDS = 1.0
@@ -88,10 +88,15 @@ def _choose(hp, name, values):
 class NormBatchHyperModel(kt.HyperModel):
     """Searches the normalization and the batch size (and optionally model, placement, lr).
 
-    Hyperparameters (a single value is recorded as `Fixed`, several are a `Choice`):
-    `norm`, `model`, `placement` and `lr` (the base learning rate, at batch 128) are chosen in
-    `build`; `batch_size` in `fit`. All of them are declared up front
-    (`declare_hyperparameters`), so every oracle knows the whole space from the first trial.
+    Hyperparameters (a single value is recorded as `Fixed`, several are a `Choice`): `norm`,
+    `batch_size`, `model`, `placement` and `lr` (the base learning rate, at batch 128). All
+    of them are declared up front (`declare_hyperparameters`), so every oracle knows the whole
+    space from the first trial.
+
+    A trial is a `recipes.cifar` run: `trial_config` is the run's `RunConfig` (the `config`
+    given here with the trial's hyperparameters), and `train` trains it through
+    `recipes.training.fit`, the loop of `recipes.cifar`, on the search's training images,
+    tested after every epoch on its validation images.
 
     Args:
         norms: Registered normalization names (`keras_norm.available()`, or `"none"`).
@@ -103,20 +108,14 @@ class NormBatchHyperModel(kt.HyperModel):
         learning_rates: Base learning rates at batch 128, scaled linearly with the batch size.
             Defaults to `(0.1,)`.
         norm_kwargs: Dict `{norm name: {constructor arguments}}`. Defaults to `None`.
-        epochs: Epochs per trial when `fit` is not given `epochs`. Defaults to `1`.
-        optimizer: `"sgd"` (momentum 0.9) or `"adamw"`. Defaults to `"sgd"`.
-        weight_decay: Decoupled weight decay of conv and dense kernels. Defaults to `5e-4`.
-        schedule: `"cosine"` (decay to 0 over the trial's epochs) or `"constant"`.
-            Defaults to `"cosine"`.
-        warmup_epochs: Linear warm-up epochs of the cosine schedule. Defaults to `0.0`.
-        augment: Random crop and flip of array inputs. Defaults to `True`.
-        seed: Seed of the weights' initialization and of the data order. Defaults to `0`.
+        config: The `recipes.config.RunConfig` every trial shares (optimizer, schedule,
+            epochs, augmentation, seed, verbosity, ...); the trial's hyperparameters, epochs
+            and output folder replace its own. Defaults to `RunConfig()` with 1 epoch.
     """
 
     def __init__(self, norms, batch_sizes, num_classes, input_shape=(32, 32, 3),
                  model_names=("small_cnn",), placements=("all",), learning_rates=(0.1,),
-                 norm_kwargs=None, epochs=1, optimizer="sgd", weight_decay=5e-4,
-                 schedule="cosine", warmup_epochs=0.0, augment=True, seed=0, **kwargs):
+                 norm_kwargs=None, config=None, **kwargs):
         super().__init__(**kwargs)
         self.space = {"norm": tuple(norms), "batch_size": tuple(int(b) for b in batch_sizes),
                       "model": tuple(model_names), "placement": tuple(placements),
@@ -127,403 +126,96 @@ class NormBatchHyperModel(kt.HyperModel):
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.norm_kwargs = dict(norm_kwargs or {})
-        self.epochs = epochs
-        self.optimizer = optimizer
-        self.weight_decay = weight_decay
-        self.schedule = schedule
-        self.warmup_epochs = warmup_epochs
-        self.augment = augment
-        self.seed = seed
+        self.config = config if config is not None else training.RunConfig().replace(epochs=1)
 
     def declare_hyperparameters(self, hp):
         for name in HP_NAMES:
             _choose(hp, name, self.space[name])
 
-    def _run_config(self, hp, batch_size, schedule):
-        """The `recipes.training.RunConfig` of a trial, for the shared optimizer code."""
-        return training.RunConfig(
-            model=hp.get("model"), norm=hp.get("norm"), placement=hp.get("placement"),
-            batch_size=batch_size, optimizer=self.optimizer, lr=hp.get("lr"),
-            weight_decay=self.weight_decay, schedule=schedule, warmup_epochs=self.warmup_epochs,
-            seed=self.seed)
-
-    def _compile(self, model, config, total_steps, steps_per_epoch, initial_step=0):
-        """Compiles `model` with the optimizer of `recipes.training` for `config`."""
-        with model.distribute_strategy.scope():
-            # As recipes.training: no weight decay on normalization parameters and biases.
-            optimizer = training.make_optimizer(config, total_steps, steps_per_epoch,
-                                                model.trainable_variables)
-            if initial_step:
-                # A continued trial (Hyperband) resumes the schedule where it stopped.
-                optimizer.iterations.assign(initial_step)
-            model.compile(optimizer=optimizer,
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"])
-
-    def build(self, hp):
-        """Builds and compiles the model of `hp` (optimizer at the reference batch size).
-
-        `fit` compiles again with the learning rate and schedule of the trial's batch size.
-        """
-        for name in ("norm", "model", "placement", "lr"):
-            _choose(hp, name, self.space[name])
-        keras.utils.set_random_seed(self.seed)
-        norm = hp.get("norm")
-        model = models.build_model(
-            hp.get("model"), norm=norm, norm_kwargs=self.norm_kwargs.get(norm),
-            placement=hp.get("placement"), num_classes=self.num_classes,
-            input_shape=self.input_shape)
-        config = self._run_config(hp, training.REFERENCE_BATCH_SIZE, "constant")
-        self._compile(model, config, total_steps=1, steps_per_epoch=1)
-        return model
-
-    def fit(self, hp, model, x, y=None, *, validation_data=None, epochs=None,
-            initial_epoch=0, callbacks=None, verbose="auto", **kwargs):
-        """Trains `model` at the batch size of `hp`; returns the trial's metrics.
+    def trial_config(self, hp, epochs=None, output=None):
+        """The `RunConfig` of the trial of `hp`.
 
         Args:
             hp: The trial's `HyperParameters`.
-            model: The model `build(hp)` returned.
-            x: Training images: a uint8 array `(N, H, W, 3)` (augmented and standardized here,
-                as in `recipes.datasets.make_dataset`), or an *unbatched* `tf.data.Dataset`
-                of preprocessed `(image, label)` pairs.
-            y: Integer labels `(N,)` for array `x`; None for a dataset.
-            validation_data: `(x_val, y_val)` arrays or an unbatched dataset, as `x`.
-            epochs: Epochs to train to (Hyperband passes its own). Defaults to the
-                hypermodel's `epochs`.
-            initial_epoch: Epoch to start from (Hyperband's continued trials).
-            callbacks: The tuner's callbacks, passed on to `model.fit`.
-            verbose: Passed on to `model.fit`.
-            **kwargs: Passed on to `model.fit`. `batch_size` is not accepted: it is tuned.
+            epochs: Epochs to train to (Hyperband's budget). Defaults to the config's.
+            output: The trial's output folder (checkpoints, logs).
+        """
+        self.declare_hyperparameters(hp)
+        norm = hp.get("norm")
+        return self.config.replace(
+            model=hp.get("model"), norm=norm, norm_kwargs=self.norm_kwargs.get(norm, {}),
+            placement=hp.get("placement"), lr=hp.get("lr"), batch_size=hp.get("batch_size"),
+            epochs=int(epochs or self.config.epochs), output=output)
+
+    def build(self, hp):
+        """The (uncompiled) model of `hp`, as the trial builds it; `train` trains its own."""
+        config = self.trial_config(hp)
+        keras.utils.set_random_seed(config.seed)
+        return models.build_model(
+            config.model, norm=config.norm, norm_kwargs=config.norm_kwargs,
+            placement=config.placement, num_classes=self.num_classes,
+            input_shape=self.input_shape, other_norm=config.other_norm,
+            head_norm=config.head_norm)
+
+    def fit(self, hp, model, *args, **kwargs):
+        """Refused: KerasTuner's own tuners would train with `model.fit`, another training
+        path than `recipes.cifar`'s (see `train`)."""
+        raise TypeError("NormBatchHyperModel trains through recipes.training, not "
+                        "`model.fit`: run it with a tuner of `recipes.tuning.make_tuner`, or "
+                        "call `NormBatchHyperModel.train`")
+
+    def train(self, hp, data, output, epochs=None, initial_epoch=0, strategy=None,
+              start_from=None):
+        """Trains the trial of `hp` with `recipes.training.fit`; returns its metrics.
+
+        Run again on the same `output`, a trial resumes after its last finished epoch.
+
+        Args:
+            hp: The trial's `HyperParameters`.
+            data: A `recipes.datasets.ImageData` whose test split holds the validation
+                images (`recipes.training.split_validation`).
+            output: The trial's folder (checkpoints, logs, `training_log.csv`).
+            epochs: Epochs to train to (Hyperband passes its own). Defaults to the config's.
+            initial_epoch: Epochs already trained by the trial this one continues
+                (Hyperband); the metrics cover the epochs after it.
+            strategy: A `tf.distribute.Strategy`, or None for the default one.
+            start_from: The checkpoint of the trial this one continues (Hyperband).
 
         Returns:
             A dict of metrics: `val_accuracy` (the best over the epochs, the objective) and,
             at that epoch, `val_loss` and `accuracy`, with `best_epoch` (1-based), `epochs`,
-            `steps` (optimizer steps of this call), `learning_rate` (the scaled peak rate),
-            `replicas` and `seconds` (wall time of `model.fit`).
+            `steps` (optimizer steps after `initial_epoch`), `learning_rate` (the scaled peak
+            rate), `replicas` and `seconds` (training wall time of those epochs).
+
+        Raises:
+            keras_tuner.errors.FailedTrialError: When training diverged before any epoch
+                after `initial_epoch` finished (the trial then has no score).
         """
-        if "batch_size" in kwargs:
-            raise TypeError("NormBatchHyperModel.fit: `batch_size` is a hyperparameter of the "
-                            f"search; do not pass it. Received: batch_size="
-                            f"{kwargs['batch_size']!r}")
-        if validation_data is None:
-            raise ValueError("NormBatchHyperModel.fit: `validation_data` is required (the "
-                             f"objective is {OBJECTIVE}).")
-        batch_size = _choose(hp, "batch_size", self.space["batch_size"])
-        train, examples = _batched(x, y, batch_size, training=True, augment=self.augment,
-                                   seed=self.seed)
-        if isinstance(validation_data, (tuple, list)):
-            validation, _ = _batched(*validation_data, EVAL_BATCH_SIZE, training=False)
-        else:
-            validation, _ = _batched(validation_data, None, EVAL_BATCH_SIZE, training=False)
-        steps_per_epoch = examples // batch_size
-        epochs = int(epochs or self.epochs)
-        config = self._run_config(hp, batch_size, self.schedule)
-        self._compile(model, config, epochs * steps_per_epoch, steps_per_epoch,
-                      initial_step=initial_epoch * steps_per_epoch)
-        kwargs.setdefault("shuffle", False)  # the pipeline shuffles every epoch itself
-        started = time.perf_counter()
-        history = model.fit(train, validation_data=validation, epochs=epochs,
-                            initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
-                            **kwargs)
-        seconds = time.perf_counter() - started
-        scores = np.asarray(history.history[OBJECTIVE], dtype=np.float64)
-        best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
+        import tensorflow as tf
+
+        config = self.trial_config(hp, epochs, output)
+        trained = training.fit(config, data, strategy or tf.distribute.get_strategy(),
+                               start_from=start_from)
+        rows = [row for row in trained.history if row["epoch"] > initial_epoch]
+        if not rows:
+            raise kt.errors.FailedTrialError(
+                f"training diverged in epoch {trained.diverged_at} (a non-finite training "
+                f"loss) before any epoch after epoch {initial_epoch} finished")
+        best = max(rows, key=lambda row: row["test_accuracy"])
         return {
-            OBJECTIVE: float(scores[best]),
-            "val_loss": float(history.history["val_loss"][best]),
-            "accuracy": float(history.history["accuracy"][best]),
-            "best_epoch": float(initial_epoch + best + 1),
-            "epochs": float(epochs),
-            "steps": float((epochs - initial_epoch) * steps_per_epoch),
+            OBJECTIVE: float(best["test_accuracy"]),
+            "val_loss": float(best["test_loss"]),
+            "accuracy": float(best["accuracy"]),
+            "best_epoch": float(best["epoch"]),
+            "epochs": float(config.epochs),
+            "steps": float(len(rows) * trained.steps_per_epoch),
             "learning_rate": float(training.scaled_learning_rate(config)),
-            "replicas": float(model.distribute_strategy.num_replicas_in_sync),
-            "seconds": float(seconds),
+            "replicas": float(trained.replicas),
+            "seconds": float(sum(row["seconds"] for row in rows)),
         }
 
 
-def _batched(x, y, batch_size, training, augment=False, seed=None):
-    """`(dataset of batches, number of examples)` from arrays or an unbatched dataset."""
-    import tensorflow as tf
-
-    from recipes import datasets
-
-    if isinstance(x, tf.data.Dataset):
-        if y is not None:
-            raise ValueError("NormBatchHyperModel.fit: give labels inside the dataset, not as "
-                             "`y`, when `x` is a tf.data.Dataset")
-        images_spec = x.element_spec[0]
-        if images_spec.shape.rank != 3:
-            raise ValueError(
-                "NormBatchHyperModel.fit: the dataset must be unbatched (one (image, label) "
-                "pair per element, image rank 3), since the trial batches it at its own batch "
-                f"size; Keras ignores `batch_size` for a batched dataset. Received element "
-                f"spec {x.element_spec}")
-        examples = int(x.cardinality())
-        if examples < 0:
-            raise ValueError("NormBatchHyperModel.fit: the dataset must have a known, finite "
-                             "length (tf.data cardinality)")
-        if training:
-            x = x.shuffle(examples, seed=seed, reshuffle_each_iteration=True)
-        dataset = x.batch(batch_size, drop_remainder=training)
-        return dataset.prefetch(tf.data.AUTOTUNE), examples
-    if y is None:
-        raise ValueError("NormBatchHyperModel.fit: array inputs need labels `y`")
-    dataset = datasets.make_dataset(np.asarray(x), np.asarray(y), batch_size, training=training,
-                                    augment=augment, seed=seed)
-    return dataset, len(x)
-
-
-# --------------------------------------------------------------------------------- oracles
-def _enumerable_values(hp):
-    """All values of a hyperparameter that the grid can enumerate."""
-    if getattr(hp, "step", 0) is None:  # Int / Float without a step: a continuum
-        raise ValueError(f"GridOracle: hyperparameter {hp.name!r} ({type(hp).__name__}) has no "
-                         "finite set of values; give it a `step`, or use Choice or Fixed")
-    return list(hp.values)
-
-
-class SharedSearchOracle:
-    """Mixin for the oracles here: one search shared by several worker tuners.
-
-    KerasTuner's distributed mode runs the oracle in a chief process (`KERASTUNER_TUNER_ID`
-    containing "chief") that serves worker tuners over gRPC (`serve_search`). KerasTuner
-    alone re-runs a worker's trial only when a worker with the same tuner id asks again (the
-    oracle hands a tuner its unfinished trial back), tells a worker to stop as soon as nothing
-    is left to start (so a trial whose worker dies later has nobody left to re-run it) and
-    waits forever for a worker that never comes back. This mixin adds:
-
-    - the record of which tuner started each trial (`trial_workers`, saved with the oracle),
-      for the `worker` and `attempts` columns of the results;
-    - liveness: every request from a tuner (a trial request, or the heartbeat that
-      `_Controlled` sends every `HEARTBEAT_SECONDS` while it trains) marks it alive, and
-      `requeue_lost_workers` puts the trial of a tuner silent for `worker_timeout` seconds
-      back in the retry queue, where the next tuner asking for a trial takes it;
-    - no early stop: while other tuners still run trials, a tuner asking for one gets "idle"
-      (ask again) instead of "stopped", so that it is still there to re-run a lost trial.
-
-    In one process nothing changes: the only tuner never waits on another.
-    """
-
-    #: Seconds without a request after which a tuner's trial goes to another tuner.
-    worker_timeout = DEFAULT_WORKER_TIMEOUT
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trial_workers = {}  # trial id -> the tuner ids that started it, in order
-        self._last_seen = {}  # tuner id -> time.monotonic() of its last request
-
-    @kt.synchronized
-    def create_trial(self, tuner_id):
-        now = time.monotonic()
-        self._last_seen[tuner_id] = now
-        self._requeue_lost(now)
-        trial = super().create_trial(tuner_id)
-        if trial.status == kt.engine.trial.TrialStatus.RUNNING:
-            self.trial_workers.setdefault(trial.trial_id, []).append(tuner_id)
-            self.save()
-        elif (trial.status == kt.engine.trial.TrialStatus.STOPPED
-              and any(other != tuner_id for other in self.ongoing_trials)):
-            # KerasTuner forgot this tuner as it stopped it; keep it for a lost trial.
-            self.tuner_ids.add(tuner_id)
-            trial.status = kt.engine.trial.TrialStatus.IDLE
-        return trial
-
-    @kt.synchronized
-    def get_trial(self, trial_id):
-        # Worker tuners call this as their heartbeat (any request marks a tuner alive).
-        for tuner_id, trial in self.ongoing_trials.items():
-            if trial.trial_id == trial_id:
-                self._last_seen[tuner_id] = time.monotonic()
-        return super().get_trial(trial_id)
-
-    @kt.synchronized
-    def end_trial(self, trial):
-        if trial.trial_id in self.end_order:
-            # A late report of a trial that was given to another tuner and already finished
-            # there: keep the first result.
-            self._forget_ongoing(trial.trial_id)
-            return
-        if (trial.status == kt.engine.trial.TrialStatus.COMPLETED
-                and trial.trial_id in self._retry_queue):
-            # A tuner thought lost finished after all: do not run the trial again.
-            self._retry_queue.remove(trial.trial_id)
-        super().end_trial(trial)
-
-    def _forget_ongoing(self, trial_id):
-        for tuner_id, ongoing in list(self.ongoing_trials.items()):
-            if ongoing.trial_id == trial_id:
-                self.ongoing_trials.pop(tuner_id)
-
-    @kt.synchronized
-    def requeue_lost_workers(self):
-        """Gives the trials of tuners silent for `worker_timeout` seconds to the next tuner
-        that asks; returns `[(tuner id, trial id or None)]` of the tuners given up on."""
-        return self._requeue_lost(time.monotonic())
-
-    def _requeue_lost(self, now):
-        lost = []
-        for tuner_id in sorted(set(self.tuner_ids) | set(self.ongoing_trials)):
-            seen = self._last_seen.setdefault(tuner_id, now)  # e.g. after a chief restart
-            if now - seen <= self.worker_timeout:
-                continue
-            trial = self.ongoing_trials.pop(tuner_id, None)
-            if trial is not None and trial.trial_id not in self._retry_queue:
-                self._retry_queue.append(trial.trial_id)
-            self.tuner_ids.discard(tuner_id)
-            self._last_seen.pop(tuner_id, None)
-            lost.append((tuner_id, None if trial is None else trial.trial_id))
-            print(f"Worker {tuner_id} silent for {now - seen:.0f} s: "
-                  + (f"trial {trial.trial_id} goes to the next worker that asks."
-                     if trial is not None else "no longer waited for."), flush=True)
-        if lost:
-            self.save()
-        return lost
-
-    @kt.synchronized
-    def search_finished(self):
-        """Whether no tuner holds a trial and every tuner has been told to stop."""
-        return not self.ongoing_trials and not self.tuner_ids
-
-    @kt.synchronized
-    def trials_exhausted(self):
-        """Whether `max_trials` trials exist and none runs or waits to run again (a reloaded,
-        finished search: nothing is left to hand out)."""
-        return bool(self.max_trials and len(self.trials) >= self.max_trials
-                    and not self.ongoing_trials and not self._retry_queue)
-
-    def get_state(self):
-        state = super().get_state()
-        state["trial_workers"] = self.trial_workers
-        return state
-
-    def set_state(self, state):
-        super().set_state(state)
-        # Searches saved before this record existed have none.
-        self.trial_workers = {key: list(value)
-                              for key, value in state.get("trial_workers", {}).items()}
-
-
-class GridOracle(SharedSearchOracle, kt.Oracle):
-    """Every combination of the search space exactly once, in a fixed order; resumable.
-
-    The order is that of `itertools.product` over the hyperparameters in the order they were
-    declared, each in the order of its values. The oracle keeps no state beyond KerasTuner's
-    own (trials and the hashes of their values), so a reloaded search continues where it
-    stopped, retries an interrupted trial first (KerasTuner's retry queue) and never runs a
-    finished combination again. Conditional hyperparameters are not supported.
-
-    Args:
-        max_trials: Cap on the number of trials. Defaults to the size of the grid.
-        **kwargs: `keras_tuner.Oracle` arguments (`objective`, `seed`, ...).
-    """
-
-    def _combinations(self):
-        space = self.hyperparameters.space
-        conditional = [hp.name for hp in space if hp.conditions]
-        if conditional:
-            raise ValueError(f"GridOracle: conditional hyperparameters {conditional} are not "
-                             "supported")
-        names = [hp.name for hp in space]
-        for values in itertools.product(*[_enumerable_values(hp) for hp in space]):
-            yield dict(zip(names, values))
-
-    def grid_size(self):
-        """The number of combinations."""
-        return math.prod(len(_enumerable_values(hp)) for hp in self.hyperparameters.space)
-
-    def populate_space(self, trial_id):
-        for values in self._combinations():
-            if not self._duplicate(values):
-                return {"status": kt.engine.trial.TrialStatus.RUNNING, "values": values}
-        if self.ongoing_trials:
-            return {"status": kt.engine.trial.TrialStatus.IDLE, "values": None}
-        return {"status": kt.engine.trial.TrialStatus.STOPPED, "values": None}
-
-
-class RandomSearchOracle(SharedSearchOracle, kt.oracles.RandomSearchOracle):
-    """KerasTuner's random search oracle, shareable by several workers."""
-
-
-class BayesianOptimizationOracle(SharedSearchOracle, kt.oracles.BayesianOptimizationOracle):
-    """KerasTuner's Bayesian optimization, never proposing a combination already tried."""
-
-    def populate_space(self, trial_id):
-        response = super().populate_space(trial_id)
-        values = response.get("values")
-        if response["status"] == kt.engine.trial.TrialStatus.RUNNING and self._duplicate(values):
-            return self._random_populate_space()  # an untried combination, or STOPPED
-        return response
-
-
-class HyperbandOracle(SharedSearchOracle, kt.oracles.HyperbandOracle):
-    """KerasTuner's Hyperband, fitted to a small, finite search space.
-
-    KerasTuner's oracle fills a bracket's first round with configurations never tried in any
-    bracket, and stops the whole search when it cannot: on a space smaller than the first
-    round (27 random configurations for `max_epochs=27`, while norms x batch sizes is often 8
-    to 16) it runs every combination once for a few epochs and stops before any successive
-    halving. Here, on a finite space of N combinations, a bracket's round r holds at most
-    `ceil(min(n_0, N) / factor**r)` trials (n_0 its usual first-round size), and a bracket
-    draws its first round from the combinations not yet in *that bracket* (each bracket runs
-    a configuration at a different budget, as in Li et al.'s algorithm). On an infinite space
-    it is KerasTuner's oracle.
-    """
-
-    def _space_size(self):
-        """The number of combinations, or None for an empty space or a continuous range."""
-        if not self.hyperparameters.space:
-            return None
-        try:
-            return math.prod(len(_enumerable_values(hp)) for hp in self.hyperparameters.space)
-        except ValueError:
-            return None
-
-    def _get_size(self, bracket_num, round_num):
-        size = super()._get_size(bracket_num, round_num)
-        combinations = self._space_size()
-        if not combinations:
-            return size
-        first = min(super()._get_size(bracket_num, 0), combinations)
-        return min(size, max(1, math.ceil(first / self.factor ** round_num)))
-
-    def _random_trial(self, trial_id, bracket):
-        if self._space_size() is None or any(hp.conditions for hp in self.hyperparameters.space):
-            return super()._random_trial(trial_id, bracket)
-        rounds = bracket["rounds"]
-        used = {self._compute_values_hash(self.trials[info["id"]].hyperparameters.values)
-                for info in rounds[0] if info["id"] in self.trials}
-        names = [hp.name for hp in self.hyperparameters.space]
-        unused = [dict(zip(names, values)) for values in itertools.product(
-            *[_enumerable_values(hp) for hp in self.hyperparameters.space])]
-        unused = [values for values in unused if self._compute_values_hash(values) not in used]
-        if not unused:  # cannot happen with the sizes above; KerasTuner's rule as a fallback
-            return super()._random_trial(trial_id, bracket)
-        values = unused[random.Random(self._seed_state).randrange(len(unused))]
-        self._seed_state += 1
-        values.update({"tuner/epochs": self._get_epochs(bracket["bracket_num"], 0),
-                       "tuner/initial_epoch": 0, "tuner/bracket": self._current_bracket,
-                       "tuner/round": 0})
-        rounds[0].append({"past_id": None, "id": trial_id})
-        return {"status": kt.engine.trial.TrialStatus.RUNNING, "values": values}
-
-
 # ---------------------------------------------------------------------------------- tuners
-class SearchInterrupted(KeyboardInterrupt):
-    """Raised by the `interrupt_trial` testing aid, as a Ctrl-C at a trial's start would be."""
-
-
-class StopSearch(Exception):
-    """Raised after `stop_after_trials` trials of this process, once their state is saved."""
-
-
-class _KillAfterFirstBatch(keras.callbacks.Callback):
-    """Testing aid: the process dies (SIGKILL) after the first training batch."""
-
-    def on_train_batch_end(self, batch, logs=None):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def distributed_role():
     """`("chief" | "worker", tuner id)` in KerasTuner's distributed mode, else None.
 
@@ -595,28 +287,21 @@ def serve_search(oracle, address, poll_seconds=0.2, stop_event=None):
         server.stop(grace=1.0).wait(5.0)
 
 
-class _Controlled:
-    """Mixin for the tuner classes: testing aids and KerasTuner's distributed mode.
+class _SearchTuner:
+    """Mixin for the tuner classes: trials trained by `recipes.training`, and KerasTuner's
+    distributed mode.
+
+    A trial is `NormBatchHyperModel.train` on the data given to `search`, in the trial's
+    KerasTuner folder (`search/trial_<id>/`: checkpoints, logs, `training_log.csv`), so a
+    trial run again (interrupted, or its worker lost) resumes after its last finished epoch,
+    and a Hyperband trial that continues another starts from that trial's last checkpoint.
 
     In a distributed search (`distributed_role()`), the chief's `search` serves the oracle
     (`serve_search`) instead of KerasTuner's loop; a worker sends a heartbeat to the chief
     while it runs a trial, and waits `IDLE_POLL_SECONDS` before asking again when the chief
     has no trial for it yet.
-
-    Attributes:
-        stop_after_trials: After this many trials finished in this process (and saved), the
-            search raises `StopSearch`. None: no limit.
-        interrupt_trial: The n-th trial started in this process raises `SearchInterrupted`
-            (a `KeyboardInterrupt`) before it trains, leaving it "running" on disk, exactly
-            as a Ctrl-C or a killed process would. None: never.
-        kill_trial: The n-th trial started in this process kills the process (SIGKILL) after
-            its first training batch. None: never.
     """
 
-    stop_after_trials = None
-    interrupt_trial = None
-    kill_trial = None
-    _started_here = 0
     _finished_here = 0
     _asked = False
     _heartbeat = None
@@ -653,13 +338,39 @@ class _Controlled:
             except Exception:  # noqa: BLE001  the chief may be restarting: beat again later
                 pass
 
-    def run_trial(self, trial, *args, **kwargs):
-        self._started_here += 1
-        if self.interrupt_trial and self._started_here == self.interrupt_trial:
-            raise SearchInterrupted(f"interrupted at the start of trial {trial.trial_id}")
-        if self.kill_trial and self._started_here == self.kill_trial:
-            kwargs["callbacks"] = [*kwargs.get("callbacks", []), _KillAfterFirstBatch()]
-        return super().run_trial(trial, *args, **kwargs)
+    def run_trial(self, trial, data, epochs=None, verbose=None):
+        """Trains the trial (see the class); returns its metrics.
+
+        Args:
+            trial: The KerasTuner `Trial`.
+            data: The `ImageData` of `search`: training images, and validation images as
+                its test split.
+            epochs: Epochs per trial (Hyperband's trials carry their own budget).
+            verbose: KerasTuner's display (the trial's own progress follows the
+                hypermodel's `config.verbose`).
+        """
+        values = trial.hyperparameters.values
+        start_from = None
+        if "tuner/trial_id" in values:
+            start_from = self._last_checkpoint(values["tuner/trial_id"])
+        # Each trial builds a new model: drop the previous one's graph and names.
+        keras.backend.clear_session(free_memory=False)
+        return self.hypermodel.train(
+            trial.hyperparameters, data, output=self.get_trial_dir(trial.trial_id),
+            epochs=values.get("tuner/epochs", epochs),
+            initial_epoch=values.get("tuner/initial_epoch", 0),
+            strategy=self.distribution_strategy, start_from=start_from)
+
+    def _last_checkpoint(self, trial_id):
+        import tensorflow as tf
+
+        folder = Path(self.get_trial_dir(trial_id)) / "checkpoints"
+        latest = tf.train.latest_checkpoint(str(folder))
+        if latest is None:
+            raise kt.errors.FailedTrialError(
+                f"Hyperband continues trial {trial_id}, but {folder} holds no checkpoint of it "
+                "(a distributed Hyperband search needs an --output every worker shares)")
+        return latest
 
     def on_trial_end(self, trial):
         if self._heartbeat is not None:
@@ -667,43 +378,33 @@ class _Controlled:
             self._heartbeat = None
         super().on_trial_end(trial)  # saves the trial and the oracle
         self._finished_here += 1
-        if self.stop_after_trials and self._finished_here >= self.stop_after_trials:
-            raise StopSearch(f"stopped after {self._finished_here} trial(s)")
 
 
-class RandomSearch(_Controlled, kt.Tuner):
-    """Random search with `RandomSearchOracle` and the hooks of `_Controlled`."""
+class RandomSearch(_SearchTuner, kt.Tuner):
+    """Random search with `RandomSearchOracle`, trials trained by `recipes.training`."""
 
     def __init__(self, hypermodel=None, objective=None, max_trials=10, seed=None, **kwargs):
         oracle = RandomSearchOracle(objective=objective, max_trials=max_trials, seed=seed)
         super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
-class Hyperband(_Controlled, kt.Hyperband):
-    """Hyperband with `HyperbandOracle` and the stop/interrupt hooks of `_Controlled`.
+class Hyperband(_SearchTuner, kt.Tuner):
+    """Hyperband with `HyperbandOracle`, trials trained by `recipes.training`.
 
-    Trials run as in KerasTuner's `Hyperband` (whose `run_trial` and `_build_hypermodel` this
-    inherits). A continued trial starts from the weights of the trial it continues (KerasTuner
-    loads them) with a fresh optimizer state (momentum) whose step counter, and so its
-    learning rate schedule, resumes at the epoch where that trial stopped
-    (`NormBatchHyperModel.fit`).
+    A continued trial (`tuner/trial_id`) starts from the last checkpoint of the trial it
+    continues: its weights, optimizer state and step counter, so that its learning-rate
+    schedule, stretched over the new budget of `tuner/epochs`, resumes where that trial
+    stopped.
     """
 
     def __init__(self, hypermodel=None, objective=None, max_epochs=100, factor=3,
                  hyperband_iterations=1, seed=None, **kwargs):
         oracle = HyperbandOracle(objective, max_epochs=max_epochs, factor=factor,
                                  hyperband_iterations=hyperband_iterations, seed=seed)
-        kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
-
-    def _build_hypermodel(self, hp):
-        with warnings.catch_warnings():
-            # Keras warns that the checkpoint's optimizer variables are not loaded into the
-            # new, still unbuilt optimizer: intended, see above.
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            return super()._build_hypermodel(hp)
+        super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
-class BayesianOptimization(_Controlled, kt.Tuner):
+class BayesianOptimization(_SearchTuner, kt.Tuner):
     """Bayesian optimization with `BayesianOptimizationOracle` (no repeated trials)."""
 
     def __init__(self, hypermodel=None, objective=None, max_trials=10, num_initial_points=None,
@@ -714,7 +415,7 @@ class BayesianOptimization(_Controlled, kt.Tuner):
         super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
-class GridSearch(_Controlled, kt.Tuner):
+class GridSearch(_SearchTuner, kt.Tuner):
     """Grid search with `GridOracle`: every combination once, resumable."""
 
     def __init__(self, hypermodel=None, objective=None, max_trials=None, seed=None, **kwargs):
@@ -737,7 +438,6 @@ def hyperband_plan(oracle):
 def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=None,
                epochs=1, seed=1, overwrite=False, distribution_strategy=None,
                num_initial_points=None, hyperband_factor=3, hyperband_iterations=1,
-               stop_after_trials=None, interrupt_trial=None, kill_trial=None,
                worker_timeout=DEFAULT_WORKER_TIMEOUT):
     """The tuner of `kind` over `hypermodel`, reloading `directory/project_name` if present.
 
@@ -761,9 +461,6 @@ def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=No
         num_initial_points: Bayesian: random trials before the Gaussian process.
         hyperband_factor: Hyperband's reduction factor.
         hyperband_iterations: Hyperband iterations.
-        stop_after_trials: See `_Controlled`.
-        interrupt_trial: See `_Controlled`.
-        kill_trial: See `_Controlled`.
         worker_timeout: Distributed search: seconds of silence after which the chief gives a
             worker's trial to another worker (`SharedSearchOracle`).
 
@@ -797,9 +494,6 @@ def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=No
         oracle.max_trials = max_trials
         oracle.hyperband_iterations = hyperband_iterations
     oracle.worker_timeout = float(worker_timeout)
-    tuner.stop_after_trials = stop_after_trials
-    tuner.interrupt_trial = interrupt_trial
-    tuner.kill_trial = kill_trial
     return tuner
 
 
@@ -853,131 +547,3 @@ def trial_rows(tuner):
                 row[name] = int(row[name])
         rows.append(row)
     return rows
-
-
-def best_row(rows):
-    """The completed row with the highest validation accuracy, or None."""
-    done = [row for row in rows if row["status"] == "COMPLETED" and row[OBJECTIVE] is not None]
-    return max(done, key=lambda row: row[OBJECTIVE]) if done else None
-
-
-def _format(name, value):
-    if value is None:
-        return ""
-    if name in (OBJECTIVE, "accuracy"):
-        return f"{100 * value:.2f}"
-    if name == "val_loss":
-        return f"{value:.4f}"
-    if name == "seconds":
-        return f"{value:.1f}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def write_results(rows, output, title="KerasTuner search: normalization x batch size",
-                  settings=None):
-    """Writes `results.csv`, `results.md` and `accuracy_vs_batch_size.png` into `output`.
-
-    Args:
-        rows: `trial_rows(tuner)`.
-        output: The folder.
-        title: Heading of `results.md`.
-        settings: Optional dict of search settings listed in `results.md`.
-
-    Returns:
-        A dict of the paths written.
-    """
-    import csv
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": output / "results.csv", "markdown": output / "results.md",
-             "plot": output / "accuracy_vs_batch_size.png"}
-    with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, RESULT_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: ("" if row[key] is None else row[key]) for key in RESULT_FIELDS})
-    plot_accuracy_vs_batch_size(rows, paths["plot"])
-    paths["markdown"].write_text(markdown(rows, paths, title, settings))
-    return paths
-
-
-def markdown(rows, paths, title, settings=None):
-    """The results page: settings, the best configuration, the picture, a row per trial."""
-    headers = {"trial": "trial", "status": "status", "norm": "norm", "batch_size": "batch",
-               "model": "model", "placement": "placement", "lr": "lr @128",
-               "learning_rate": "lr", "epochs": "epochs", OBJECTIVE: "val acc (%)",
-               "best_epoch": "best epoch", "val_loss": "val loss", "accuracy": "train acc (%)",
-               "steps": "steps", "replicas": "replicas", "seconds": "s", "worker": "worker",
-               "attempts": "runs"}
-    lines = [f"# {title}", ""]
-    if settings:
-        lines += ["| setting | value |", "| --- | --- |"]
-        lines += [f"| {key} | {value} |" for key, value in settings.items()]
-        lines.append("")
-    best = best_row(rows)
-    if best is not None:
-        lines += [f"**Best:** {describe(best)}.", ""]
-    lines += [f"![validation accuracy vs batch size]({paths['plot'].name})", "",
-              f"{len(rows)} trial(s); `val acc` is the best validation accuracy over the "
-              "trial's epochs, `lr` the learning rate used (`lr @128` scaled by batch / 128), "
-              "`steps` the optimizer steps of the trial (a Hyperband continuation counts only "
-              "its own), `s` its training wall time, `worker` the tuner that ran it and `runs` "
-              "how many times it was started (more than once after an interruption or a lost "
-              "worker).", "",
-              "| " + " | ".join(headers[key] for key in RESULT_FIELDS) + " |",
-              "| " + " | ".join("---:" if key not in ("status", "norm", "model", "placement",
-                                                      "worker")
-                                else "---" for key in RESULT_FIELDS) + " |"]
-    for row in rows:
-        lines.append("| " + " | ".join(_format(key, row[key]) for key in RESULT_FIELDS) + " |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def describe(row):
-    """One line for a trial: its hyperparameters and validation accuracy."""
-    return (f"norm={row['norm']}, batch_size={row['batch_size']}, model={row['model']}, "
-            f"placement={row['placement']}, lr={row['lr']:g} at batch 128 "
-            f"({row['learning_rate']:g} used) -> validation accuracy "
-            f"{100 * row[OBJECTIVE]:.2f}% (trial {row['trial']})")
-
-
-def plot_accuracy_vs_batch_size(rows, path):
-    """Validation accuracy against batch size (log2 axis), one line per norm.
-
-    Where several trials share a norm and batch size (other hyperparameters, or Hyperband's
-    longer runs), the best of them is drawn.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    best = {}
-    for row in rows:
-        if row["status"] != "COMPLETED" or row[OBJECTIVE] is None:
-            continue
-        key = (row["norm"], row["batch_size"])
-        best[key] = max(best.get(key, -1.0), row[OBJECTIVE])
-    figure, axis = plt.subplots(figsize=(6.4, 4.4))
-    norms = sorted({norm for norm, _ in best})
-    for norm in norms:
-        points = sorted((size, 100 * acc) for (name, size), acc in best.items() if name == norm)
-        axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=norm)
-    sizes = sorted({size for _, size in best})
-    axis.set_xscale("log", base=2)
-    if sizes:
-        axis.set_xticks(sizes)
-        axis.set_xticklabels([str(size) for size in sizes])
-    axis.set_xlabel("batch size (log2 scale)")
-    axis.set_ylabel("validation accuracy (%)")
-    axis.set_title("Validation accuracy vs batch size")
-    axis.grid(alpha=0.3)
-    if norms:
-        axis.legend(title="normalization")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)

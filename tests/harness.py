@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 
@@ -87,6 +88,17 @@ class LayerCase:
         return np.asarray(self.mask_fn(rng, tuple(shape or self.input_shape)), bool)
 
 
+def layer_test(check, make_case, names, **case_kwargs):
+    """A pytest test running `check(make_case(name, **case_kwargs))` for each configuration
+    name: `test_jit_equals_eager = layer_test(check_jit, make_case, ["default", "dense"])`."""
+    @pytest.mark.parametrize("name", list(names))
+    def test(name):
+        check(make_case(name, **case_kwargs))
+
+    test.__doc__ = check.__doc__
+    return test
+
+
 def masked(mask):
     """Extra call arguments for a reference method: `(mask,)`, or none without a mask."""
     return () if mask is None else (mask,)
@@ -119,11 +131,8 @@ def build_randomized(case, seed=0, layer=None):
     rng = np.random.default_rng(seed + 1000)
     for variable in layer.trainable_weights:
         shape = tuple(variable.shape)
-        name = weight_name(variable)
-        if name in ("gamma",):
+        if weight_name(variable) == "gamma":  # positive scales, around 1
             value = rng.uniform(0.5, 1.5, shape)
-        elif name in ("kernel",):
-            value = rng.normal(0.0, 0.3, shape)
         else:
             value = rng.normal(0.0, 0.3, shape)
         variable.assign(value.astype(variable.dtype))
@@ -141,6 +150,15 @@ def clone_layer(case, layer):
 def assert_close(actual, expected, case, what):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=case.atol,
                                rtol=case.rtol, err_msg=what)
+
+
+def assert_weights_close(actual, expected, atol=0.0, rtol=0.0):
+    """`actual` (a layer or model) has the weights of `expected`, by name and in order, with
+    the same values. The names are compared first: a zip alone would skip what one lacks."""
+    names = [weight_name(w) for w in actual.weights]
+    assert names == [weight_name(w) for w in expected.weights], names
+    for a, b in zip(actual.weights, expected.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=atol, rtol=rtol, err_msg=a.path)
 
 
 def assert_state_equal(layer, expected, case, what):
@@ -253,8 +271,7 @@ def check_serialization(case, seed=0):
         loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded(x_test, training=False), model(x_test, training=False),
                                   err_msg=".keras round trip changed inference outputs")
-    for a, b in zip(loaded.weights, model.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"weight {a.path}")
+    assert_weights_close(loaded, model)
     if case.batch_dependent:
         twin = clone_layer(case, layer)
         np.testing.assert_allclose(loaded(x_test, training=True), twin(x_test, training=True),
@@ -331,6 +348,7 @@ def check_distributed(case, strategy, seed=0, training=True):
         local = strategy.experimental_local_results
         assert_close(np.concatenate(local(ry)), y, case, f"distributed output, step {step}")
         assert_close(np.concatenate(local(rdx)), dx, case, f"distributed input grad, step {step}")
+        assert len(rdw) == len(dw) == len(single.trainable_variables), (len(rdw), len(dw))
         for single_grad, replica_grads, variable in zip(dw, rdw, single.trainable_variables):
             total = np.sum([np.asarray(g) for g in local(replica_grads)], axis=0)
             assert_close(total, single_grad, case, f"distributed grad of {variable.path}")
@@ -341,3 +359,54 @@ def check_distributed(case, strategy, seed=0, training=True):
             for copy in copies[1:]:
                 np.testing.assert_allclose(copy, copies[0], atol=case.atol,
                                            err_msg=f"replicas disagree on {variable.path}")
+
+
+def small_classifier(input_shape, *layers):
+    """A compiled `Sequential` classifier, the same weights every call (seed 0): `layers`, then
+    `Flatten` and a 3-way `Dense`; SGD(0.1) on sparse cross-entropy from logits."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(input_shape), *layers, keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def check_fit_matches_one_device(make_model, strategy, x, y, batch_size, epochs=1, rtol=1e-7):
+    """`model.fit` under `strategy` leaves the same weights (statistics and training state
+    included) as on one device. `make_model()` returns a compiled model with the same weights
+    every call. Returns `(single, distributed)` for further checks."""
+    single = make_model()
+    with strategy.scope():
+        distributed = make_model()
+    distributed.set_weights(single.get_weights())
+    for model in (single, distributed):
+        model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    assert_weights_close(distributed, single, atol=1e-4, rtol=rtol)
+    return single, distributed
+
+
+def check_training_reduces_loss(model, x, y, batch_size, optimizer, steps=200):
+    """`steps` compiled training steps on consecutive batches of a fixed random order of
+    `(x, y)` (wrapping around): every loss and weight stays finite and the mean loss of the
+    last 20 steps is below that of the first 20. Returns the losses."""
+    order = np.random.default_rng(0).permutation(len(x))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        optimizer.apply(tape.gradient(loss, model.trainable_variables),
+                        model.trainable_variables)
+        return loss
+
+    losses = []
+    for step in range(steps):
+        index = np.take(order, np.arange(step * batch_size, (step + 1) * batch_size), mode="wrap")
+        losses.append(float(train_step(x[index], y[index])))
+    assert np.all(np.isfinite(losses))
+    for variable in model.weights:
+        assert np.all(np.isfinite(variable.numpy())), variable.path
+    assert np.mean(losses[-20:]) < np.mean(losses[:20]), (losses[:20], losses[-20:])
+    return losses

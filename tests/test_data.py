@@ -215,17 +215,21 @@ def test_one_hot_labels_are_balanced_and_passed_through():
     dataset = tf.data.Dataset.from_tensor_slices((ids, one_hot))
     balanced = balanced_batches(dataset, 3, 2, seed=0)
     assert balanced.element_spec[1].shape == (6, 3)
-    for batch_ids, batch_one_hot in balanced:
-        class_ids = batch_one_hot.numpy().argmax(axis=1)
-        _assert_balanced([class_ids], 3, 2)
-        np.testing.assert_array_equal(labels[batch_ids.numpy()], class_ids)
+    batch_ids, batch_one_hot = _epoch(balanced)
+    assert len(batch_ids) == 8 // 2  # the loop below checks every batch of a whole epoch
+    for ids_of_batch, one_hot_of_batch in zip(batch_ids, batch_one_hot):
+        np.testing.assert_array_equal(one_hot_of_batch, np.eye(3)[labels[ids_of_batch]])
+        _assert_balanced([one_hot_of_batch.argmax(axis=1)], 3, 2)
 
 
 def test_labels_of_shape_one_are_class_ids():
     ids, labels = _labelled_ids((4, 4))
     dataset = tf.data.Dataset.from_tensor_slices((ids, labels[:, None].astype("uint8")))
-    _, batch_labels = _epoch(balanced_batches(dataset, 2, 2, seed=0))
+    batch_ids, batch_labels = _epoch(balanced_batches(dataset, 2, 2, seed=0))
+    assert len(batch_labels) == 2
     _assert_balanced([batch[:, 0] for batch in batch_labels], 2, 2)
+    for ids_of_batch, labels_of_batch in zip(batch_ids, batch_labels):
+        np.testing.assert_array_equal(labels_of_batch, labels[ids_of_batch][:, None])
 
 
 def test_nested_features_and_sample_weights_stay_aligned():
@@ -233,8 +237,11 @@ def test_nested_features_and_sample_weights_stay_aligned():
     features = {"id": ids, "twice": 2 * ids}
     weights = ids.astype("float32") / 10
     dataset = tf.data.Dataset.from_tensor_slices((features, labels, weights))
-    for batch_features, batch_labels, batch_weights in balanced_batches(dataset, 2, 3, seed=0):
+    batches = list(balanced_batches(dataset, 2, 3, seed=0))
+    assert len(batches) == 6 // 3  # the loop below checks every batch of a whole epoch
+    for batch_features, batch_labels, batch_weights in batches:
         batch_ids = batch_features["id"].numpy()
+        _assert_balanced([batch_labels.numpy()], 2, 3)
         np.testing.assert_array_equal(batch_features["twice"].numpy(), 2 * batch_ids)
         np.testing.assert_array_equal(batch_labels.numpy(), labels[batch_ids])
         np.testing.assert_allclose(batch_weights.numpy(), batch_ids / 10)

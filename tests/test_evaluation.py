@@ -65,12 +65,17 @@ def test_random_batches_use_their_own_statistics():
 
 def test_pseudo_balanced_uses_predictions_not_labels():
     data, x, y = _two_classes(noise=0.3, seed=2)
-    model = _threshold_model(moving_mean=0.5, moving_variance=0.25)
+    model = _threshold_model(moving_mean=0.3, moving_variance=0.25)
     result = evaluate_pseudo_balanced(model, data, num_classes=2, examples_per_class=2, seed=0)
-    assert 0.0 < result["coverage"] <= 1.0
+    # The first pass (population statistics) predicts class 1 iff x > 0.3. The true classes
+    # are balanced (40 + 40) and would fill every batch; the predicted ones are not, so under
+    # "drop" the batches of 2 + 2 take the rarer predicted class's examples in whole pairs.
+    predicted = np.bincount((x[:, 0] > 0.3).astype(int), minlength=2)
+    assert predicted.min() // 2 < 20, predicted
+    assert result["coverage"] == pytest.approx(2 * 2 * (predicted.min() // 2) / len(y))
     assert set(result) >= {"loss", "binary_accuracy", "coverage"}
     # A model whose first pass predicts one class only leaves no balanced batch to form.
-    with pytest.raises(ValueError, match="class"):
+    with pytest.raises(ValueError, match=r"no test example was given class\(es\) \[0\]"):
         evaluate_pseudo_balanced(_threshold_model(moving_mean=-5.0), data, num_classes=2)
 
 
@@ -306,17 +311,20 @@ def test_unequal_class_prior_sets_the_shares(monkeypatch):
 
 def test_argmax_method_is_the_default_and_returns_predictions():
     data, x, y = _two_classes(noise=0.3, seed=2)
-    model = _threshold_model(moving_mean=0.5, moving_variance=0.25)
+    # Stale statistics: the first pass predicts 37 examples of class 0 and 43 of class 1.
+    model = _threshold_model(moving_mean=0.3, moving_variance=0.25)
     metrics, predictions = evaluate_pseudo_balanced(model, data, num_classes=2,
-                                                    examples_per_class=2, seed=0,
+                                                    examples_per_class=1, seed=0,
                                                     return_predictions=True)
-    first_pass = (model.predict(x, verbose=0)[:, 0] > 0.5).astype(int)
+    first_pass = (x[:, 0] > 0.3).astype(int)
+    assert np.bincount(first_pass, minlength=2).tolist() == [37, 43]
     assert metrics["assignment_accuracy"] == pytest.approx(np.mean(first_pass == y))
     covered = predictions >= 0
     assert metrics["coverage"] == pytest.approx(covered.mean())
-    # Batches hold equal numbers of each first-pass class: all of the rarer one are covered.
-    rarer = np.argmin(np.bincount(first_pass, minlength=2))
-    assert covered[first_pass == rarer].all()
+    # Batches hold one example of each first-pass class: all of the rarer class are covered,
+    # and as many of the other, so 6 of the 43 are left out.
+    assert covered[first_pass == 0].all()
+    assert covered[first_pass == 1].sum() == 37
     assert metrics["binary_accuracy"] == pytest.approx(np.mean(predictions[covered]
                                                                == y[covered]))
 

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import keras_norm
-from keras_norm import stats
+from keras_norm._math import kernels
 
 SHAPE = (2, 6, 6, 4)
 CHANNELS = 8
@@ -122,13 +122,13 @@ def test_training_compiles_kernels_and_inference_graphs_hold_none(monkeypatch):
     kernels of a layer's own, around the shared statistics.)"""
     name = "evonorm_b0"
     decisions = []
-    decide = stats.use_xla_kernels
+    decide = kernels.use_xla_kernels
 
     def recording():
         decisions.append(decide())
         return decisions[-1]
 
-    monkeypatch.setattr(stats, "use_xla_kernels", recording)
+    monkeypatch.setattr(kernels, "use_xla_kernels", recording)
     model = _trained(name, seed=1)
     assert decisions and all(decisions) and len(decisions) >= 2, decisions
     decisions.clear()

@@ -89,20 +89,15 @@ def test_matches_numpy_reference(name):
     harness.check_reference(make_case(name))
 
 
-@pytest.mark.parametrize("name", MAIN + ["gn_volume", "gn_dense"])
-def test_jit_equals_eager(name):
-    harness.check_jit(make_case(name))
+test_jit_equals_eager = harness.layer_test(
+    harness.check_jit, make_case, MAIN + ["gn_volume", "gn_dense"])
 
 
-@pytest.mark.filterwarnings("ignore:.*rms_scaling=True")
-@pytest.mark.parametrize("name", MAIN)
-def test_serialization_round_trips(name):
-    harness.check_serialization(make_case(name))
+test_serialization_round_trips = pytest.mark.filterwarnings("ignore:.*rms_scaling=True")(
+    harness.layer_test(harness.check_serialization, make_case, MAIN))
 
 
-@pytest.mark.parametrize("name", MAIN)
-def test_mixed_precision(name):
-    harness.check_mixed_precision(make_case(name))
+test_mixed_precision = harness.layer_test(harness.check_mixed_precision, make_case, MAIN)
 
 
 def test_per_example_layers_are_replica_independent(mirrored_strategy):
@@ -369,14 +364,8 @@ def test_group_norm_ignores_padding_values():
     (GroupNormalization, dict(groups=0), ValueError,
      r"`groups` must be a positive integer, or -1 .*Received: groups=0"),
     (GroupNormalization, dict(groups=-2), ValueError, r"Received: groups=-2"),
-    (GroupNormalization, dict(axis=True), TypeError,
-     r"GroupNormalization: argument `axis` must be an integer.*Received: axis=True"),
-    (GroupNormalization, dict(axis=[1]), TypeError, r"`axis` must be an integer"),
-    (GroupNormalization, dict(epsilon=0.0), ValueError, r"`epsilon` must be in \(0\.0, inf"),
-    (GroupNormalization, dict(center="yes"), TypeError, r"`center` must be a bool"),
     (InstanceNormalization, dict(groups=4), TypeError,
      r"InstanceNormalization: argument `groups` is not accepted.*Received: groups=4"),
-    (InstanceNormalization, dict(scale=1), TypeError, r"`scale` must be a bool"),
     (LayerNormalization, dict(axis=True), TypeError,
      r"LayerNormalization: Expected an int or a list/tuple of ints for the argument 'axis'"
      r".*Received: axis=True"),
@@ -385,12 +374,8 @@ def test_group_norm_ignores_padding_values():
     (LayerNormalization, dict(axis=1.0), TypeError, r"Received: axis=1\.0"),
     (LayerNormalization, dict(rms_scaling="yes"), TypeError,
      r"argument `rms_scaling` must be a bool"),
-    (LayerNormalization, dict(epsilon=-1e-3), ValueError, r"`epsilon` must be in"),
     (RMSNormalization, dict(axis="last"), TypeError,
      r"RMSNormalization: Expected an int or a list/tuple of ints for the argument 'axis'"),
-    (RMSNormalization, dict(epsilon=0), ValueError,
-     r"RMSNormalization: argument `epsilon` must be in .*Received: epsilon=0"),
-    (RMSNormalization, dict(epsilon=True), TypeError, r"`epsilon` must be a number"),
 ])
 def test_constructor_errors(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -443,18 +428,3 @@ def test_wrong_channel_count_after_build():
     layer.build((None, 3, 4))
     with pytest.raises(ValueError, match=r"expected axis 2 of input shape to have value 4"):
         layer(np.zeros((2, 3, 6), "float32"))
-
-
-@pytest.mark.parametrize("cls", [LayerNormalization, GroupNormalization, InstanceNormalization,
-                                 RMSNormalization])
-def test_docstring_example_runs(cls, monkeypatch):
-    """The docstring's example runs and prints what it shows (with or without the exports)."""
-    import doctest
-
-    import keras_norm
-
-    monkeypatch.setattr(keras_norm, cls.__name__, cls, raising=False)
-    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner()
-    for test in finder.find(cls, cls.__name__, globs={}):
-        runner.run(test)
-    assert runner.failures == 0 and runner.tries > 0

@@ -229,6 +229,20 @@ def _error_class(factory, kwargs, shape):
     return None
 
 
+def _without_the_bad_argument(kwargs, shape, valid=None):
+    """The row made valid: its last argument (the bad one) dropped, or replaced by what
+    `valid[that argument]()` returns, and an unknown channel size (a `None` in `shape`, the
+    bad input of the rows without arguments) made known."""
+    control = dict(kwargs)
+    if control:
+        bad = list(control)[-1]
+        del control[bad]
+        replacement = (valid or {}).get(bad)
+        if replacement is not None:
+            control.update(replacement())
+    return control, None if shape is None else tuple(4 if d is None else d for d in shape)
+
+
 def _row_id(row):
     """A test id that is the same in every process (pytest-xdist compares them): callables by
     name, not by their address."""
@@ -247,6 +261,13 @@ def test_argument_error_classes_match_keras(name, kwargs, shape):
         warnings.simplefilter("ignore")
         theirs = _error_class(getattr(keras.layers, name), kwargs, shape)
         ours = _error_class(getattr(keras_norm, name), kwargs, shape)
+        # The control: where Keras accepts the row without its bad argument, ours must too, so
+        # that the error below comes from that argument, not from the layer or the rest of it.
+        control = _without_the_bad_argument(kwargs, shape)
+        if _error_class(getattr(keras.layers, name), *control) is None:
+            control_error = _error_class(getattr(keras_norm, name), *control)
+            assert control_error is None, (
+                f"keras_norm.{name}{control} raised {control_error.__name__} (Keras: accepted)")
     assert ours is not None, f"keras_norm.{name}({kwargs}) accepted it (Keras: {theirs})"
     if theirs is not None and issubclass(theirs, KERAS_ARGUMENT_CLASSES):
         assert issubclass(ours, theirs), (
@@ -301,11 +322,23 @@ OTHER_ARGUMENT_ERRORS = [
 ]
 
 
+# Where dropping a row's bad argument leaves an invalid layer (a required argument, a default
+# that does not fit the input), the valid value its control uses instead.
+OTHER_VALID = {
+    "EvoNormS0": {"groups": lambda: {"groups": 2}},
+    "CrossIterationBatchNormalization": {"layer": lambda: {"layer": _conv()}},
+}
+
+
 @pytest.mark.parametrize("name, kwargs, shape", OTHER_ARGUMENT_ERRORS,
                          ids=[_row_id(row) for row in OTHER_ARGUMENT_ERRORS])
 def test_other_argument_errors_are_value_errors(name, kwargs, shape):
     kwargs = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
     error = _error_class(getattr(keras_norm, name), kwargs, shape)
+    # The control: the row without its bad argument is accepted, so the error comes from it.
+    control = _without_the_bad_argument(kwargs, shape, OTHER_VALID.get(name))
+    control_error = _error_class(getattr(keras_norm, name), *control)
+    assert control_error is None, f"keras_norm.{name}{control} raised {control_error}"
     assert error is not None, f"keras_norm.{name}({kwargs}) accepted it"
     assert issubclass(error, ValueError), f"keras_norm.{name}({kwargs}): {error.__name__}"
 

@@ -30,7 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from recipes import cifar, training  # noqa: E402
+from recipes import cifar, outputs, training  # noqa: E402
 
 SMALL_NPZ = "../shared/data/cifar10-small.npz"  # relative to the project root, as documented
 # Two epochs of 10 random batches of 20 images; sync_batch, so that every strategy computes the
@@ -40,12 +40,22 @@ RUN = ["--data", SMALL_NPZ, "--train-size", "200", "--test-size", "100", "--batc
 TIMEOUT = 300
 
 
-def _cli(args, env=None):
+KILLED_AFTER_EPOCH_1 = [str(PROJECT_ROOT / "tests" / "kill_points.py"), "after-checkpoint", "1"]
+
+
+def _recipe(killed=False):
+    """The command of `recipes.cifar`, or of it killed (SIGKILL) right after the checkpoint
+    of epoch 1, as a killed job would be (tests/kill_points.py)."""
+    return [sys.executable, *KILLED_AFTER_EPOCH_1, "recipes.cifar"] if killed else [
+        sys.executable, "-m", "recipes.cifar"]
+
+
+def _cli(args, env=None, killed=False):
     """Runs the recipe from the project root in a fresh process."""
     environment = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
     environment.update({"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "recipes.cifar", *args], cwd=PROJECT_ROOT,
-                          env=environment, capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run([*_recipe(killed), *args], cwd=PROJECT_ROOT, env=environment,
+                          capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def _results(output):
@@ -66,12 +76,12 @@ def _assert_same_weights(actual, expected, atol):
 def _make_reference(output):
     """One device, killed right after epoch 1's checkpoint, then started again."""
     args = RUN + ["--output", str(output)]
-    killed = _cli(args + ["--stop-after-epochs", "1"])
+    killed = _cli(args, killed=True)
     state = {
         "killed": [killed.returncode, killed.stdout, killed.stderr[-3000:]],
         # (Read defensively: a failed run must fail the tests, not this fixture.)
-        "csv_after_kill": (output / training.CSV_NAME).read_text()
-        if (output / training.CSV_NAME).exists() else "",
+        "csv_after_kill": (output / outputs.CSV_NAME).read_text()
+        if (output / outputs.CSV_NAME).exists() else "",
         "checkpoints_after_kill": sorted(p.name for p in (output / "checkpoints").glob("*")),
         "results_after_kill": (output / "results.json").exists(),
     }
@@ -113,7 +123,7 @@ def test_resume_continues_from_epoch_2(reference_run):
     assert "Resuming from" in out and "1/2 epochs already done" in out
     assert "Epoch 2/2" in out and "Epoch 1/2" not in out
     output = reference_run["output"]
-    lines = (output / training.CSV_NAME).read_text().splitlines()
+    lines = (output / outputs.CSV_NAME).read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == ["epoch", "1", "2"]
     results = _results(output)
     assert results["training"]["resumed_at_epoch"] == 1
@@ -172,16 +182,16 @@ def _free_ports(count):
     return ports
 
 
-def _run_workers(args, output, count=2):
-    """Runs `count` worker processes of one multi-worker cluster on 127.0.0.1; returns
-    `[(returncode, stdout, stderr)]`."""
+def _run_workers(args, output, count=2, killed=False):
+    """Runs `count` worker processes of one multi-worker cluster on 127.0.0.1 (`killed`: each
+    killed after epoch 1's checkpoint); returns `[(returncode, stdout, stderr)]`."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(count)]
     processes = []
     for index in range(count):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config)}
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "recipes.cifar", *args, "--output", str(output),
+            [*_recipe(killed), *args, "--output", str(output),
              "--strategy", "multiworker"], cwd=PROJECT_ROOT, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
@@ -197,7 +207,7 @@ def test_multiworker_two_processes_killed_and_resumed(reference_run, tmp_path):
     """Two workers train in lock step, are killed after epoch 1, resume from the chief's
     checkpoint, and end with the same weights as each other and as one device."""
     args = RUN + ["--eval", "population"]
-    for returncode, _, stderr in _run_workers(args + ["--stop-after-epochs", "1"], tmp_path):
+    for returncode, _, stderr in _run_workers(args, tmp_path, killed=True):
         assert returncode == -signal.SIGKILL, stderr[-2000:]
     assert (tmp_path / "checkpoints" / "ckpt-1.index").exists()
     runs = _run_workers(args, tmp_path)
@@ -384,12 +394,43 @@ def test_parser_errors_are_one_line(capsys):
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
-    (tmp_path / training.RUN_CONFIG_NAME).write_text(json.dumps(
-        {**training.RunConfig(model="resnet20").to_dict()}))
+    (tmp_path / outputs.RUN_CONFIG_NAME).write_text(json.dumps(
+        {**training.RunConfig().replace(model="resnet20").to_dict()}))
     status, _, err = _main(["--data", SMALL_NPZ, "--train-size", "100", "--output",
                             str(tmp_path)], capsys)
     assert status == 2
     assert "holds a run with other settings (model: 'resnet20' -> 'small_cnn'" in err
+
+
+def test_run_config_groups_the_settings_and_reads_runs_recorded_flat(tmp_path):
+    from recipes import config as run_config
+
+    _, args = cifar.parse_args(["--data", SMALL_NPZ, "--model", "resnet20", "--lr", "0.05",
+                                "--eval", "population", "--head-norm", "none",
+                                "--train-size", "all", "--seed", "4"])
+    config = cifar.to_config(args)
+    assert (config.network.model, config.optimization.lr, config.data.source) == (
+        "resnet20", 0.05, SMALL_NPZ)
+    assert (config.evaluation.eval_modes, config.network.head_norm, config.data.train_size,
+            config.run.seed) == (("population",), None, None, 4)
+    assert config.output == os.path.join("runs", "cifar", "resnet20-batch-all-seed4")
+    # A results.json / run_config.json written before the settings were grouped: flat, with
+    # the retired stop_after_epochs; it loads unchanged and the run it records resumes.
+    recorded = {**config.to_dict(), "eval_modes": ["population"], "stop_after_epochs": None}
+    assert run_config.RunConfig.from_dict(recorded) == config
+    assert set(config.to_dict()) == set(recorded) - {"stop_after_epochs"}
+    (tmp_path / outputs.RUN_CONFIG_NAME).write_text(json.dumps(recorded))
+    outputs.check_resumable(tmp_path / outputs.RUN_CONFIG_NAME, config.to_dict(),
+                            training.RESUME_KEYS)
+    # Flat names read and write their group; a typo is an error, not a new setting.
+    changed = config.replace(lr=0.2)
+    assert (changed.optimization.lr, config.lr) == (0.2, 0.05)
+    changed.batch_size = 64
+    assert changed.data.batch_size == 64 and config.batch_size is None
+    with pytest.raises(AttributeError, match="no setting 'batchsize'"):
+        changed.batchsize = 64
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['batchsize'\]"):
+        run_config.RunConfig.from_dict({"batchsize": 64})
 
 
 def test_presets_set_the_papers_settings_and_flags_override_them():
@@ -407,12 +448,12 @@ def test_presets_set_the_papers_settings_and_flags_override_them():
 
 
 def test_learning_rate_scaling_and_schedule():
-    config = training.RunConfig(lr=0.1, batch_size=256, warmup_epochs=1.0)
+    config = training.RunConfig().replace(lr=0.1, batch_size=256, warmup_epochs=1.0)
     schedule = training.learning_rate_schedule(config, total_steps=100, steps_in_epoch=10)
     assert training.scaled_learning_rate(config) == pytest.approx(0.2)
     rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100)]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.1, 0.0], abs=1e-6)  # warm-up, then cosine
-    constant = training.RunConfig(lr=0.1, batch_size=64, schedule="constant")
+    constant = training.RunConfig().replace(lr=0.1, batch_size=64, schedule="constant")
     assert training.learning_rate_schedule(constant, 100, 10) == pytest.approx(0.05)
 
 
@@ -420,8 +461,8 @@ def test_weight_decay_applies_to_kernels_only():
     from recipes import models
 
     model = models.build_model("small_cnn", norm="batch")
-    config = training.RunConfig(lr=0.128, batch_size=128, weight_decay=0.5, schedule="constant",
-                                momentum=0.0)
+    config = training.RunConfig().replace(lr=0.128, batch_size=128, weight_decay=0.5,
+                                          schedule="constant", momentum=0.0)
     optimizer = training.make_optimizer(config, 10, 10, model.trainable_variables)
     before = {v.path: np.array(v) for v in model.trainable_variables}
     optimizer.apply_gradients([(np.zeros(v.shape, "float32"), v)
@@ -438,3 +479,17 @@ def test_help_explains_the_default_and_the_modes():
                      "--preset", "pseudo_balanced", "resuming:", "sync_batch",
                      "scaled linearly with the global batch"):
         assert fragment in " ".join(text.split()), fragment
+
+
+def test_moved_names_are_importable_from_training_too():
+    # The strategy, the output folder and the evaluation modes have their own modules;
+    # recipes.training.<name> is the same object.
+    from recipes import distribution, evaluation_modes, outputs
+
+    homes = {distribution: ("configure_cpu_replicas", "create_strategy"),
+             outputs: ("CSV_NAME", "RUN_CONFIG_NAME", "CSV_FIELDS", "RUN_FOLDERS", "RUN_FILES",
+                       "clear_outputs", "check_resumable"),
+             evaluation_modes: ("resolve_eval_modes", "evaluate_modes")}
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(training, name) is getattr(module, name), name

@@ -1,4 +1,4 @@
-"""Tests for recipes/datasets.py: sources, discovery, the archive cache, subsets, pipelines.
+"""Tests for recipes/datasets/: sources, discovery, the archive cache, subsets, pipelines.
 
 Everything here is small and offline: tiny image trees and archives are written into tmp_path,
 and only the shared cifar10-small.npz (8.6 MB) is read from the shared data folder.
@@ -97,13 +97,19 @@ def no_default_sources(monkeypatch, tmp_path):
     empty = tmp_path / "empty_shared"
     empty.mkdir()
     monkeypatch.delenv(datasets.DATA_ENV_VAR, raising=False)
-    monkeypatch.setattr(datasets, "shared_data_dir", lambda: empty)
+    monkeypatch.setattr(datasets.sources, "shared_data_dir", lambda: empty)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now fails
     (tmp_path / "keras_home").mkdir()
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     monkeypatch.setenv(datasets.DOWNLOAD_ENV_VAR, "0")
-    monkeypatch.setattr(datasets, "CIFAR10_URL", (tmp_path / "no_such_origin.tar.gz").as_uri())
+    monkeypatch.setattr(datasets.sources, "CIFAR10_URL",
+                        (tmp_path / "no_such_origin.tar.gz").as_uri())
     return empty
+
+
+def _fake_tfds_status(monkeypatch, status):
+    """TFDS's answer to "is it prepared?" is ``status``, a (bool, description) pair."""
+    monkeypatch.setattr(datasets.sources, "_tfds_status", lambda name, data_dir=None: status)
 
 
 def _cifar_python_batches(counts=(3, 2, 4, 1, 2), test_count=3, seed=0):
@@ -159,8 +165,8 @@ def fake_cifar_origin(tmp_path, monkeypatch, no_default_sources):
     images, labels, pickles = _cifar_python_batches()
     (tmp_path / "origin").mkdir()
     archive = _write_cifar_python_archive(tmp_path / "origin" / "cifar-10-python.tar.gz", pickles)
-    monkeypatch.setattr(datasets, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(datasets, "CIFAR10_SHA256",
+    monkeypatch.setattr(datasets.sources, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(datasets.sources, "CIFAR10_SHA256",
                         hashlib.sha256(archive.read_bytes()).hexdigest())
     monkeypatch.delenv(datasets.DOWNLOAD_ENV_VAR)
     cached = tmp_path / "keras_home" / "datasets" / datasets.CIFAR10_CACHE_NAME
@@ -252,13 +258,13 @@ def test_tar_gz_unpacked_once_and_reused(tmp_path, monkeypatch):
     archive = _write_tar(tmp_path / "tree", tmp_path / "tiny-images.tar.gz")
     cache = tmp_path / "cache"
     calls = []
-    real_extract = datasets._extract_tar
+    real_extract = datasets.cache._extract_tar
 
     def counting_extract(src, dest):
         calls.append(src)
         real_extract(src, dest)
 
-    monkeypatch.setattr(datasets, "_extract_tar", counting_extract)
+    monkeypatch.setattr(datasets.cache, "_extract_tar", counting_extract)
     first = datasets.load_data(archive, cache_dir=cache)
     assert len(calls) == 1
     entries = sorted(p.name for p in cache.iterdir())
@@ -286,24 +292,53 @@ def test_interrupted_unpack_leaves_no_cache_entry(tmp_path, monkeypatch):
     _write_tree(tmp_path / "tree", fmt="png", n_train=(1, 1, 1), n_test=(1, 1, 1))
     archive = _write_tar(tmp_path / "tree", tmp_path / "t.tar.gz")
     cache = tmp_path / "cache"
-    real_extract = datasets._extract_tar
+    real_extract = datasets.cache._extract_tar
 
     def failing_extract(src, dest):
         (Path(dest) / "train").mkdir()  # half-done work
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(datasets, "_extract_tar", failing_extract)
+    monkeypatch.setattr(datasets.cache, "_extract_tar", failing_extract)
     with pytest.raises(ValueError, match="could not be unpacked"):
         datasets.load_data(archive, cache_dir=cache)
     assert list(cache.iterdir()) == []
 
-    monkeypatch.setattr(datasets, "_extract_tar", real_extract)
+    monkeypatch.setattr(datasets.cache, "_extract_tar", real_extract)
     assert datasets.load_data(archive, cache_dir=cache).x_train.shape == (3, 32, 32, 3)
 
     corrupt = tmp_path / "corrupt.tar.gz"
     corrupt.write_bytes(b"this is not a tar file")
     with pytest.raises(ValueError, match="could not be unpacked"):
         datasets.load_data(corrupt, cache_dir=cache)
+
+
+def test_archive_member_outside_the_cache_is_refused(tmp_path):
+    archive = tmp_path / "escape.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"unsafe member path '\.\./escaped\.txt'"):
+        datasets.unpack_archive(archive, cache_dir=cache)
+    assert list(cache.iterdir()) == [] and not (tmp_path / "escaped.txt").exists()
+
+
+def test_package_exports_every_public_name():
+    """`from recipes import datasets` serves every public name that the single-file
+    recipes/datasets.py had, now from its submodules."""
+    single_file_names = (
+        "CIFAR10_MEAN", "CIFAR10_STD", "DATA_ENV_VAR", "CACHE_ENV_VAR", "DOWNLOAD_ENV_VAR",
+        "TFDS_NAMES", "SHARED_FULL_NAME", "SHARED_SMALL_NAME", "IMAGE_SIZE", "CIFAR10_URL",
+        "CIFAR10_SHA256", "CIFAR10_CACHE_NAME", "DataNotFoundError", "ImageData",
+        "project_root", "shared_data_dir", "find_source", "download_enabled",
+        "keras_cache_dir", "download_cifar10", "load_data", "default_cache_dir",
+        "unpack_archive", "subset", "normalize_images", "make_dataset",
+    )
+    assert sorted(single_file_names) == sorted(datasets.__all__)
+    for name in datasets.__all__:
+        assert getattr(datasets, name) is not None, name
+    assert datasets.load_data is datasets.sources.load_data
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +367,7 @@ def test_discovery_order(tmp_path, monkeypatch, no_default_sources):
 
 
 def test_discovery_falls_back_to_prepared_tfds(monkeypatch, no_default_sources):
-    monkeypatch.setattr(datasets, "_tfds_status", lambda name, data_dir=None: (True, "prepared"))
+    _fake_tfds_status(monkeypatch, (True, "prepared"))
     assert datasets.find_source() == "tfds:cifar10"
 
 
@@ -394,7 +429,7 @@ def test_offline_download_is_a_clear_error(fake_cifar_origin, monkeypatch):
 
 def test_download_with_a_wrong_hash_leaves_nothing(fake_cifar_origin, monkeypatch):
     _, cached, _ = fake_cifar_origin
-    monkeypatch.setattr(datasets, "CIFAR10_SHA256", "0" * 64)
+    monkeypatch.setattr(datasets.sources, "CIFAR10_SHA256", "0" * 64)
     with pytest.raises(datasets.DataNotFoundError, match="download failed: ValueError: .*hash"):
         datasets.find_source()
     assert not cached.exists()
@@ -492,7 +527,7 @@ def test_cifar_recipe_offline_exits_2_with_one_line(fake_cifar_origin, tmp_path,
     origin.unlink()
     # TFDS is installed (the recipes extra) but has no prepared data.
     monkeypatch.delitem(sys.modules, "tensorflow_datasets")
-    monkeypatch.setattr(datasets, "_tfds_status", lambda name, data_dir=None: (False, "absent"))
+    _fake_tfds_status(monkeypatch, (False, "absent"))
     status = cifar.main(["--output", str(tmp_path / "run"), "--epochs", "1", "--verbose", "0"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
@@ -512,7 +547,7 @@ def test_tfds_not_prepared_is_a_clear_error(tmp_path):
 def test_load_prepared_tfds(monkeypatch):
     """The TFDS reading path, on TFDS's own offline mock data (no files, no network)."""
     import tensorflow_datasets as tfds  # a hard dependency: never skip on its absence
-    monkeypatch.setattr(datasets, "_tfds_status", lambda name, data_dir=None: (True, "mocked"))
+    _fake_tfds_status(monkeypatch, (True, "mocked"))
     with tfds.testing.mock_data(num_examples=12):
         data = datasets.load_data("tfds:cifar10")
     assert data.source == "tfds:cifar10" and data.num_classes == 10

@@ -22,6 +22,7 @@ if str(PROJECT_ROOT) not in sys.path:
 from recipes import models  # noqa: E402
 
 POSITIONS = {"resnet20": 19, "mn_cnn": 4, "small_cnn": 3}
+KINDS = ("norm", "norm_act", "conv_wrapper")
 IMAGES = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
 
 
@@ -78,7 +79,9 @@ def _check_outputs(model, num_classes=10):
 def test_every_registered_norm_builds_and_runs():
     """Each registered name, at every position of the small CNN (the other models are covered
     per kind below: the registry call is the same for all of them)."""
-    for norm in keras_norm.available():
+    norms = keras_norm.available()
+    assert {keras_norm.spec(norm).kind for norm in norms} == set(KINDS), norms
+    for norm in norms:
         model = models.build_model("small_cnn", norm=norm)
         _check_outputs(model)
         layers = _norm_layers(model)
@@ -223,7 +226,9 @@ def test_no_head_norm_adds_no_layer():
 
 
 def test_every_norm_kind_fits_the_head_except_conv_wrappers():
-    for norm in keras_norm.available():
+    norms = keras_norm.available()
+    assert {keras_norm.spec(norm).kind for norm in norms} == set(KINDS), norms  # each branch
+    for norm in norms:
         spec = keras_norm.spec(norm)
         if spec.kind == "conv_wrapper":
             with pytest.raises(ValueError, match=f"'{spec.name}' is a 'conv_wrapper' and needs "

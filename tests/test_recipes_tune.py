@@ -1,9 +1,10 @@
 """Tests for `python -m recipes.tune` (recipes/tune.py, recipes/tuning.py).
 
 End to end on the shared cifar10-small.npz, kept tiny (around a hundred images, the smallest
-model, 1-2 epochs): the quick grid search, resuming every tuner after a clean stop or an
-interruption, a mirrored-strategy trial, the hypermodel's own contract, and the one-line
-errors with exit status 2. Distributed search (KerasTuner's chief/worker mode) on 127.0.0.1:
+model, 1-2 epochs): the quick grid search, resuming every tuner after a stop between trials
+or in the middle of one (Ctrl-C simulated by wrapping `recipes.training`), a mirrored-strategy
+trial, a trial being the `recipes.cifar` run of its hyperparameters, and the one-line errors
+with exit status 2. Distributed search (KerasTuner's chief/worker mode) on 127.0.0.1:
 every tuner through the real gRPC oracle with stand-in trials (a lost worker's trial re-run
 by the other worker), and `python -m recipes.tune --quick` run by a chief and two worker
 processes, one of them killed mid-trial and started again.
@@ -32,7 +33,7 @@ if str(PROJECT_ROOT) not in sys.path:
 import keras  # noqa: E402
 import keras_tuner as kt  # noqa: E402
 
-from recipes import launch, tune, tuning  # noqa: E402
+from recipes import launch, oracles, outputs, training, tune, tuning  # noqa: E402
 
 SMALL_NPZ = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-small.npz"
 TINY = ["--data", str(SMALL_NPZ), "--train-size", "64", "--val-size", "32", "--epochs", "1",
@@ -108,18 +109,40 @@ def test_quick_search_tries_every_pair_and_writes_results(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ resuming
-def test_grid_resumes_an_interrupted_trial_without_repeating(tmp_path):
+def test_grid_resumes_an_interrupted_trial_where_its_training_stopped(tmp_path, monkeypatch):
     # KerasTuner 1.4.8's own GridSearch fails here (KeyError in populate_space on reload).
     output = tmp_path / "grid"
-    argv = ["--grid", "--norms", "group", "--batch-sizes", "4,16", "--output", output, *TINY]
-    assert run([*argv, "--interrupt-trial", "2"]) == 130  # Ctrl-C as trial 2 starts
+    argv = ["--grid", "--norms", "group", "--batch-sizes", "4,16", "--output", output, *TINY,
+            "--epochs", "2"]
+    saved = []
+    save = training._save_checkpoint
+
+    def save_then_interrupt(checkpoint, *args):
+        save(checkpoint, *args)
+        saved.append(int(checkpoint.finished_epochs.numpy()))
+        if saved == [1, 2, 1]:  # trial 0's two epochs, then trial 1's first: Ctrl-C
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_interrupt)
+    assert run(argv) == 130
+    monkeypatch.undo()
     first = trial_files(output)
     assert sorted(first) == ["trial_0", "trial_1"]
     assert json.loads(first["trial_0"])["status"] == "COMPLETED"
     assert json.loads(first["trial_1"])["status"] == "RUNNING"
     assert [row["status"] for row in read_rows(output)] == ["COMPLETED", "RUNNING"]
+    log = output / "search" / "trial_1" / outputs.CSV_NAME
+    epoch_1 = log.read_text().splitlines()[1]
 
+    saved.clear()
+
+    def save_and_record(checkpoint, *args):
+        save(checkpoint, *args)
+        saved.append(int(checkpoint.finished_epochs.numpy()))
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_and_record)
     assert run(argv) == 0
+    assert saved == [2]  # only trial 1's epoch 2 was trained
     rows = read_rows(output)
     # Grid order; the interrupted trial 1 was rerun under its own id, trial 0 was not rerun.
     assert [row["trial"] for row in rows] == ["0", "1"]
@@ -127,6 +150,11 @@ def test_grid_resumes_an_interrupted_trial_without_repeating(tmp_path):
     assert [row["attempts"] for row in rows] == ["1", "2"]  # trial 1 started twice
     assert pairs(rows) == [("group", 4), ("group", 16)]
     assert trial_files(output)["trial_0"] == first["trial_0"]
+    # Trial 1 resumed after its checkpointed epoch 1 (kept as it was), as recipes.cifar does.
+    lines = log.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["epoch", "1", "2"]
+    assert lines[1] == epoch_1
+    assert int(rows[1]["steps"]) == 2 * (64 // 16)
 
 
 @pytest.mark.parametrize("tuner, extra, total", [
@@ -134,11 +162,19 @@ def test_grid_resumes_an_interrupted_trial_without_repeating(tmp_path):
     ("bayesian", ["--max-trials", "2", "--initial-points", "1"], 2),  # trial 1: the GP's
     ("hyperband", ["--epochs", "2", "--hyperband-factor", "2", "--max-trials", "3"], 3),
 ])
-def test_resume_after_a_stop_completes_the_rest(tmp_path, tuner, extra, total):
+def test_resume_after_a_stop_completes_the_rest(tmp_path, monkeypatch, tuner, extra, total):
     output = tmp_path / tuner
     argv = ["--tuner", tuner, "--norms", "batch,group", "--batch-sizes", "4,16",
             "--output", output, *TINY, *extra]
-    assert run([*argv, "--stop-after-trials", "1"]) == 0
+    end = tuning._SearchTuner.on_trial_end
+
+    def end_then_interrupt(self, trial):
+        end(self, trial)  # the trial and the oracle are saved
+        raise KeyboardInterrupt  # Ctrl-C between trials
+
+    monkeypatch.setattr(tuning._SearchTuner, "on_trial_end", end_then_interrupt)
+    assert run(argv) == 130
+    monkeypatch.undo()
     first = trial_files(output)
     assert list(first) == ["trial_0"]
     assert json.loads(first["trial_0"])["status"] == "COMPLETED"
@@ -158,6 +194,9 @@ def test_resume_after_a_stop_completes_the_rest(tmp_path, tuner, extra, total):
         assert values[2]["tuner/trial_id"] == str(int(np.argmax(scores)))
         assert values[2]["tuner/initial_epoch"] == 1
         assert int(rows[2]["steps"]) == 64 // int(rows[2]["batch_size"])  # epoch 2 only
+        # Trial 2 started from the checkpoint of the trial it continues, after its epoch 1.
+        log = (output / "search" / "trial_2" / outputs.CSV_NAME).read_text().splitlines()
+        assert [line.split(",")[0] for line in log] == ["epoch", "2"]
 
 
 def test_mirrored_strategy_trains_each_trial_on_all_replicas(tmp_path):
@@ -177,35 +216,42 @@ def test_mirrored_strategy_trains_each_trial_on_all_replicas(tmp_path):
 
 
 # ------------------------------------------------------------------------------ hypermodel
-def test_hypermodel_batches_unbatched_data_at_the_trial_batch_size():
-    images = tf.random.stateless_normal((40, 32, 32, 3), seed=(1, 2))
-    labels = tf.range(40) % 10
-    train = tf.data.Dataset.from_tensor_slices((images, labels))
-    hypermodel = tuning.NormBatchHyperModel(norms=["group"], batch_sizes=[4, 8],
-                                            num_classes=10, epochs=1)
+def test_a_trial_is_the_recipes_cifar_run_of_its_hyperparameters(tmp_path):
+    """A trial gets the `RunConfig` that `recipes.cifar` builds from the same flags and trains
+    as that run: the same numbers, epoch for epoch, on the search's training and validation
+    images; its metrics are that run's."""
+    from recipes import cifar
+
+    setup = tune.prepare(["--norms", "group", "--batch-sizes", "8", "--lrs", "0.2",
+                          "--no-augment", "--output", str(tmp_path / "search"), *TINY])
+    hypermodel = tune.build_tuner(setup).hypermodel
     hp = kt.HyperParameters()
     hypermodel.declare_hyperparameters(hp)
-    hp.values["batch_size"] = 8
-    model = hypermodel.build(hp)
+    trial = hypermodel.trial_config(hp, output=str(tmp_path / "trial"))
+    _, args = cifar.parse_args(["--data", str(SMALL_NPZ), "--norm", "group", "--batch-size",
+                                "8", "--lr", "0.2", "--no-augment", "--epochs", "1",
+                                "--verbose", "0", "--output", str(tmp_path / "cifar")])
+    same_run = cifar.to_config(args)
+    differ = {key for key, value in same_run.to_dict().items()
+              if trial.to_dict()[key] != value}
+    assert differ == {"output", "eval_modes"}  # a trial needs no evaluation modes
 
-    class CountBatches(keras.callbacks.Callback):
-        batches = 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            CountBatches.batches += 1
-
-    metrics = hypermodel.fit(hp, model, train, validation_data=train, verbose=0,
-                             callbacks=[CountBatches()])
-    assert CountBatches.batches == 40 // 8  # the tuner's callbacks ran, at batch size 8
-    assert metrics["steps"] == 5 and metrics["learning_rate"] == pytest.approx(0.1 * 8 / 128)
-    assert set(metrics) >= {"val_accuracy", "seconds", "replicas"}
-
-    with pytest.raises(ValueError, match="must be unbatched"):
-        hypermodel.fit(hp, model, train.batch(8), validation_data=train, verbose=0)
-    with pytest.raises(TypeError, match="`batch_size` is a hyperparameter"):
-        hypermodel.fit(hp, model, train, validation_data=train, batch_size=8)
-    with pytest.raises(ValueError, match="`validation_data` is required"):
-        hypermodel.fit(hp, model, train)
+    split = setup["split"]
+    metrics = hypermodel.train(hp, split, output=str(tmp_path / "trial"))
+    keras.backend.clear_session(free_memory=False)
+    trained = training.fit(same_run, split, tf.distribute.get_strategy())
+    (trial_row,) = (tmp_path / "trial" / outputs.CSV_NAME).read_text().splitlines()[1:]
+    (row,) = trained.history
+    trial_values = [float(value) for value in trial_row.split(",")[:-1]]  # but seconds
+    np.testing.assert_allclose(trial_values, [row[key] for key in outputs.CSV_FIELDS[:-1]],
+                               rtol=1e-5)
+    assert metrics["val_accuracy"] == pytest.approx(row["test_accuracy"])
+    assert metrics["accuracy"] == pytest.approx(row["accuracy"])
+    assert metrics["steps"] == len(split.y_train) // 8 == trained.steps_per_epoch
+    assert metrics["learning_rate"] == pytest.approx(0.2 * 8 / 128)
+    assert len(split.y_test) == 32  # scored on the validation images
+    with pytest.raises(TypeError, match="trains through recipes.training"):
+        hypermodel.fit(hp, None)
 
 
 def test_grid_oracle_order_and_size():
@@ -213,7 +259,7 @@ def test_grid_oracle_order_and_size():
     hp.Choice("norm", ["batch", "group"])
     hp.Choice("batch_size", [2, 8, 32])
     hp.Fixed("lr", 0.1)
-    oracle = tuning.GridOracle(objective=kt.Objective("val_accuracy", "max"), hyperparameters=hp)
+    oracle = oracles.GridOracle(objective=kt.Objective("val_accuracy", "max"), hyperparameters=hp)
     assert oracle.grid_size() == 6
     combos = [(v["norm"], v["batch_size"], v["lr"]) for v in oracle._combinations()]
     assert combos == [("batch", 2, 0.1), ("batch", 8, 0.1), ("batch", 32, 0.1),
@@ -244,7 +290,7 @@ def test_bayesian_oracle_never_proposes_a_tried_combination(tmp_path):
     hp = kt.HyperParameters()
     hp.Choice("norm", ["batch", "group"])
     hp.Choice("batch_size", [2, 8])
-    oracle = tuning.BayesianOptimizationOracle(
+    oracle = oracles.BayesianOptimizationOracle(
         objective=kt.Objective("val_accuracy", "max"), max_trials=8, num_initial_points=1,
         hyperparameters=hp, seed=3)
     oracle._set_project_dir(str(tmp_path), "p")
@@ -259,8 +305,8 @@ def test_hyperband_oracle_halves_successively_on_a_small_space(tmp_path):
     hp = kt.HyperParameters()
     hp.Choice("norm", ["batch", "group"])
     hp.Choice("batch_size", [2, 8])
-    oracle = tuning.HyperbandOracle(kt.Objective("val_accuracy", "max"), max_epochs=9,
-                                    factor=3, hyperparameters=hp, seed=5)
+    oracle = oracles.HyperbandOracle(kt.Objective("val_accuracy", "max"), max_epochs=9,
+                                     factor=3, hyperparameters=hp, seed=5)
     oracle._set_project_dir(str(tmp_path), "p")
     assert tuning.hyperband_plan(oracle) == (3, 16)  # brackets of 4+2+1, 4+2 and 3 trials
     seen = _drive(oracle, lambda v: 0.5 + 0.1 * (v["norm"] == "group") - 0.01 * v["batch_size"])
@@ -343,7 +389,7 @@ def test_every_tuner_shares_its_search_over_grpc(kind, tmp_path, monkeypatch):
         monkeypatch.setenv("KERASTUNER_TUNER_ID", tuner_id)
         tuners[tuner_id] = _stand_in_tuner(kind, tmp_path)
     chief = tuners["chief"].oracle
-    assert isinstance(chief, tuning.SharedSearchOracle)
+    assert isinstance(chief, oracles.SharedSearchOracle)
     assert type(tuners["tuner0"].oracle).__name__ == "OracleClient"  # KerasTuner's gRPC proxy
     chief.worker_timeout = 1.0
     tuners["tuner1"].die_in_trial = 1
@@ -423,7 +469,7 @@ def test_a_silent_worker_loses_its_trial_to_the_next_one(tmp_path):
     instead of being told to stop, and the search ends once the trial is done."""
     hp = kt.HyperParameters()
     hp.Choice("norm", ["batch", "group"])
-    oracle = tuning.GridOracle(objective=kt.Objective("val_accuracy", "max"), hyperparameters=hp)
+    oracle = oracles.GridOracle(objective=kt.Objective("val_accuracy", "max"), hyperparameters=hp)
     oracle._set_project_dir(str(tmp_path), "p")
     oracle.verbose = 0
     oracle.max_trials = oracle.grid_size()
@@ -451,17 +497,21 @@ def test_a_silent_worker_loses_its_trial_to_the_next_one(tmp_path):
     assert oracle.create_trial("a").status == "STOPPED"
     assert oracle.search_finished()
     # The record survives a reload (oracle.json).
-    reloaded = tuning.GridOracle(objective=kt.Objective("val_accuracy", "max"),
-                                 hyperparameters=hp)
+    reloaded = oracles.GridOracle(objective=kt.Objective("val_accuracy", "max"),
+                                  hyperparameters=hp)
     reloaded._set_project_dir(str(tmp_path), "p")
     reloaded.reload()
     assert reloaded.trial_workers == oracle.trial_workers
 
 
-def _start(argv, tuner_id, port, log):
+def _start(argv, tuner_id, port, log, killed=False):
+    """A `recipes.tune` process with this tuner id (`killed`: it dies, SIGKILL, after the first
+    batch it trains; tests/kill_points.py)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERASTUNER_ORACLE_IP": "127.0.0.1",
            "KERASTUNER_ORACLE_PORT": str(port), "KERASTUNER_TUNER_ID": tuner_id}
-    return subprocess.Popen([sys.executable, "-m", "recipes.tune", *map(str, argv)],
+    recipe = ([str(PROJECT_ROOT / "tests" / "kill_points.py"), "after-batch", "1"] if killed
+              else ["-m"])
+    return subprocess.Popen([sys.executable, *recipe, "recipes.tune", *map(str, argv)],
                             cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -483,7 +533,7 @@ def test_distributed_quick_search_survives_a_killed_worker(tmp_path):
         chief = _start(argv, "chief", port, logs["chief"])
         worker0 = _start([*argv, "--strategy", "mirrored", "--cpu-replicas", "2"], "tuner0",
                          port, logs["tuner0"])
-        killed = _start([*argv, "--kill-trial", "1"], "tuner1", port, logs["tuner1"])
+        killed = _start(argv, "tuner1", port, logs["tuner1"], killed=True)
         processes += [chief, worker0, killed]
         assert killed.wait(timeout=300) == -signal.SIGKILL
         again = _start(argv, "tuner1", port, logs["tuner1-again"])
@@ -533,9 +583,18 @@ def test_a_chief_that_cannot_listen_exits_2(tmp_path, capsys, monkeypatch):
                        "address in use or not of this machine")
 
 
+def test_oracles_are_importable_from_tuning_too():
+    # recipes.oracles holds them; recipes.oracles.GridOracle etc. are the same objects.
+    from recipes import oracles
+
+    for name in ("SharedSearchOracle", "GridOracle", "RandomSearchOracle",
+                 "BayesianOptimizationOracle", "HyperbandOracle", "DEFAULT_WORKER_TIMEOUT"):
+        assert getattr(tuning, name) is getattr(oracles, name), name
+
+
 def test_command_line_and_library_agree_on_the_heartbeat():
     # recipes.tune keeps its own copies (it imports no Keras before parsing).
-    assert tune.DEFAULT_WORKER_TIMEOUT == tuning.DEFAULT_WORKER_TIMEOUT
+    assert tune.DEFAULT_WORKER_TIMEOUT == oracles.DEFAULT_WORKER_TIMEOUT
     assert tune.HEARTBEAT_SECONDS == tuning.HEARTBEAT_SECONDS
 
 
@@ -555,7 +614,8 @@ def test_split_validation_is_disjoint_and_stratified():
     from recipes import datasets
 
     data = datasets.load_data(SMALL_NPZ)
-    x_train, y_train, x_val, y_val = tune.split_validation(data, 300, 100, seed=3)
+    split = training.split_validation(data, 300, 100, seed=3)
+    x_train, y_train, x_val, y_val = split.x_train, split.y_train, split.x_test, split.y_test
     assert len(y_train) == 300 and len(y_val) == 100
     assert np.bincount(y_val, minlength=10).tolist() == [10] * 10
     assert np.bincount(y_train, minlength=10).tolist() == [30] * 10

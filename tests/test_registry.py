@@ -140,6 +140,12 @@ def test_convert_to_a_layer_without_moving_statistics_keeps_gamma_beta():
 def test_convert_keras_application():
     model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                            classes=10)
+    # Weights and statistics away from their initial values: a conversion that did not copy
+    # them would then change the outputs.
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape) for w in layer.get_weights()])
     converted = keras_norm.convert(model, "sync_batch")
     before = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
     after = [layer for layer in converted.layers

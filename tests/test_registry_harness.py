@@ -87,24 +87,14 @@ def test_every_registered_name_has_a_reference():
     assert not missing, f"registered without a harness reference: {missing}"
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_registered_name_matches_reference(name):
-    harness.check_reference(make_case(name))
-
-
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_registered_name_compiles_with_xla(name):
-    harness.check_jit(make_case(name))
-
-
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_registered_name_serializes(name):
-    harness.check_serialization(make_case(name))
-
-
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_registered_name_mixed_precision(name):
-    harness.check_mixed_precision(make_case(name))
+test_registered_name_matches_reference = harness.layer_test(
+    harness.check_reference, make_case, sorted(REFERENCES))
+test_registered_name_compiles_with_xla = harness.layer_test(
+    harness.check_jit, make_case, sorted(REFERENCES))
+test_registered_name_serializes = harness.layer_test(
+    harness.check_serialization, make_case, sorted(REFERENCES))
+test_registered_name_mixed_precision = harness.layer_test(
+    harness.check_mixed_precision, make_case, sorted(REFERENCES))
 
 
 # The names whose layers take `synchronized=True`, written out: deriving this list from which

@@ -55,24 +55,18 @@ def make_case(name):
     )
 
 
-@pytest.mark.parametrize("name", CHANNELS_LAST)
-def test_matches_numpy_reference(name):
-    harness.check_reference(make_case(name))
+test_matches_numpy_reference = harness.layer_test(harness.check_reference, make_case, CHANNELS_LAST)
 
 
-@pytest.mark.parametrize("name", ["ws", "centered_groups"])
-def test_jit_equals_eager(name):
-    harness.check_jit(make_case(name))
+test_jit_equals_eager = harness.layer_test(harness.check_jit, make_case, ["ws", "centered_groups"])
 
 
-@pytest.mark.parametrize("name", ["ws_groups", "centered"])
-def test_serialization_round_trips(name):
-    harness.check_serialization(make_case(name))
+test_serialization_round_trips = harness.layer_test(
+    harness.check_serialization, make_case, ["ws_groups", "centered"])
 
 
-@pytest.mark.parametrize("name", ["ws", "ws_groups", "centered"])
-def test_mixed_precision(name):
-    harness.check_mixed_precision(make_case(name))
+test_mixed_precision = harness.layer_test(
+    harness.check_mixed_precision, make_case, ["ws", "ws_groups", "centered"])
 
 
 def _output_and_gradients(layer, x, dy, jit):

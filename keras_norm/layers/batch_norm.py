@@ -4,8 +4,8 @@ import keras
 import tensorflow as tf
 from keras import initializers
 
-from keras_norm import _compat, stats
-from keras_norm.layers import base
+from keras_norm import _compat, _math
+from keras_norm.layers import base, docstrings
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -51,7 +51,8 @@ def _check_renorm_clipping(owner, renorm_clipping):
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
-class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
+@docstrings.document
+class BatchNormalization(base.BatchDependentMixin, base.ChannelwiseNormalization):
     """Batch normalization with synchronized, ghost-batch and batch-statistics options.
 
     A drop-in replacement for `keras.layers.BatchNormalization` (Keras 3): the same arguments,
@@ -63,7 +64,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
       from all-reduced `(count, sum)`, then the all-reduced sum of squares about it (with a
       mask: each replica's `(count, mean, M2)` merged with Chan's formula). Replicas are
       weighted by their true counts (uneven last batch, masks; an empty replica gives no NaN).
-      The backward pass is the closed form of `keras_norm.stats.standardize`: one all-reduce
+      The backward pass is the closed form of `keras_norm._math.standardize`: one all-reduce
       of two per-channel sums, as PyTorch's SyncBatchNorm. Outside a strategy it is plain BN.
     - `virtual_batch_size=v` (ghost batch norm, Hoffer et al. 2017): statistics per group of
       `v` consecutive examples of each replica's batch. A batch that `v` does not divide ends
@@ -97,16 +98,8 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         axis: Integer, the features (channel) axis. Defaults to `-1`.
         momentum: Momentum of the moving averages, in `[0, 1]`. Defaults to `0.99`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        moving_mean_initializer: Initializer for the moving mean. Defaults to `"zeros"`.
-        moving_variance_initializer: Initializer for the moving variance. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        {affine_args}
+        {moving_initializer_args}
         renorm: Whether to use Batch Renormalization (Ioffe 2017): during training the
             normalized value is corrected to `x_hat * r + d` with
             `r = stop_gradient(clip(sigma_B / sigma))`, `d = stop_gradient(clip((mu_B - mu) /
@@ -121,9 +114,8 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         virtual_batch_size: Positive int or `None`; size of the ghost batches each replica's
             batch is split into. Cannot be combined with `synchronized=True`. Defaults to
             `None` (the whole batch).
-        inference_statistics: `"moving"` or `"batch"`: what to normalize with at inference.
-            Defaults to `"moving"`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {inference_statistics_arg}
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of any rank >= 2.
@@ -147,41 +139,18 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     #: Statistics that are biased variances (`recompute_statistics(unbiased=True)` corrects them).
     variance_statistics = ("moving_variance",)
+    #: As Keras's layer, any axis may hold the channels (axis 0 too, without ghost batches).
+    per_example = False
 
-    def __init__(
-        self,
-        axis=-1,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        renorm=False,
-        renorm_clipping=None,
-        renorm_momentum=0.99,
-        synchronized=False,
-        virtual_batch_size=None,
-        inference_statistics="moving",
-        **kwargs,
-    ):
-        super().__init__(
-            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint, **kwargs,
-        )
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, renorm=False, renorm_clipping=None, renorm_momentum=0.99,
+                 synchronized=False, virtual_batch_size=None, inference_statistics="moving",
+                 **kwargs):
+        super().__init__(**base.base_arguments(locals()), **kwargs)
         owner = self.__class__.__name__
-        self.axis = base.check_channel_axis(owner, axis)
-        self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
         self.renorm = base.check_bool(owner, "renorm", renorm)
         if renorm_clipping is not None and not renorm:
             raise ValueError(
@@ -192,7 +161,6 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = base.check_float(owner, "renorm_momentum", renorm_momentum,
                                                 0.0, 1.0)
-        self.synchronized = base.check_bool(owner, "synchronized", synchronized)
         self.virtual_batch_size = base.check_int(owner, "virtual_batch_size",
                                                  virtual_batch_size, minimum=1,
                                                  allow_none=True)
@@ -202,25 +170,20 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
                 "`virtual_batch_size` cannot be combined with synchronized=True. "
                 f"Received: virtual_batch_size={virtual_batch_size}, synchronized=True"
             )
-        self._init_inference_statistics(inference_statistics)
         self.moving_mean = None
         self.moving_variance = None
 
     # ------------------------------------------------------------------------------- build
-    def build(self, input_shape):
-        self._axis, _ = base.channel_axis(self._owner, self.axis, input_shape)
+    def _validate_channels(self, channels, input_shape):
         if self.virtual_batch_size is not None and self._axis == 0:
             raise ValueError(
                 f"{self._owner}: ghost batches split axis 0, which cannot be the channel axis. "
                 f"Received: axis={self.axis}, virtual_batch_size={self.virtual_batch_size}"
             )
-        ndim = len(input_shape)
-        shape = (input_shape[self._axis],)
-        self._build_affine(shape)
-        self.moving_mean = base.add_statistic(self, "moving_mean", shape,
-                                              self.moving_mean_initializer)
-        self.moving_variance = base.add_statistic(self, "moving_variance", shape,
-                                                  self.moving_variance_initializer)
+
+    def _build_extra(self):
+        shape = (self._channels,)
+        self._add_moving_statistics(shape)
         if self.renorm:
             def moving_stddev_initializer(shape, dtype=None):
                 return tf.sqrt(_clone_initializer(self.moving_variance_initializer)(
@@ -232,20 +195,16 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
                 self, "renorm_mean", shape, _clone_initializer(self.moving_mean_initializer))
             self.renorm_stddev = base.add_statistic(self, "renorm_stddev", shape,
                                                     moving_stddev_initializer)
-        self.input_spec = keras.layers.InputSpec(ndim=ndim,
-                                                 axes={self._axis: input_shape[self._axis]})
-        self._reduction_axes = [a for a in range(ndim) if a != self._axis]
-        self._param_shape = base.broadcast_shape(ndim, [self._axis], input_shape)
 
     # -------------------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
         x = base.to_statistics_dtype(inputs)
-        mask = base.expand_mask(self._owner, mask, x)  # Keras's layout, any channel axis
+        mask = self._expand_mask(mask, x)  # Keras's layout, any channel axis
         gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
         if not self._uses_batch_statistics(training):
             mean = tf.reshape(tf.cast(self.moving_mean, x.dtype), self._param_shape)
             variance = tf.reshape(tf.cast(self.moving_variance, x.dtype), self._param_shape)
-            outputs = stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
+            outputs = _math.normalize(x, mean, variance, self.epsilon, gamma, beta)
         elif self.virtual_batch_size is not None:
             outputs = self._normalize_ghost(x, mask, gamma, beta, self._is_training(training))
         elif self._can_use_fused_kernel(x, mask, training):
@@ -260,7 +219,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
                 self._update_statistics(moments.mean, moments.variance,
                                         tf.reduce_sum(moments.count) > 0, after=outputs)
         else:
-            moments = stats.batch_moments(x, self._reduction_axes, mask, self.synchronized)
+            moments = _math.batch_moments(x, self._reduction_axes, mask, self.synchronized)
             mean, variance = moments.mean, moments.variance
             outputs = self._normalize_with(x, mean, variance, gamma, beta, training)
             if self._is_training(training):
@@ -276,7 +235,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         renorm, cross-replica statistics, other layouts or ranks, float64, epsilon below the
         kernel's 1.001e-5 floor) takes the general path.
         """
-        synchronized = self.synchronized and stats.num_replicas_in_sync() > 1
+        synchronized = self.synchronized and _math.num_replicas_in_sync() > 1
         return (len(x.shape) == 4 and self._axis == 3 and mask is None and x.dtype == tf.float32
                 and not synchronized and not (self.renorm and self._is_training(training))
                 and self.epsilon >= 1.001e-5)
@@ -298,15 +257,15 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         """Unmasked batch statistics through the closed-form steps of `stats`, with the renorm
         correction when training."""
         if self.renorm and self._is_training(training):
-            return stats.standardize_with(x, axes, self.epsilon, self._renormalized_statistics,
+            return _math.standardize_with(x, axes, self.epsilon, self._renormalized_statistics,
                                           gamma, beta, synchronized)
-        return stats.standardize(x, axes, self.epsilon, gamma, beta, synchronized)
+        return _math.standardize(x, axes, self.epsilon, gamma, beta, synchronized)
 
     def _normalize_with(self, x, mean, variance, gamma, beta, training):
         """Normalizes with batch statistics, applying the renorm correction when training."""
         if self.renorm and self._is_training(training):
             mean, variance = self._renormalized_statistics(mean, variance)
-        return stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
+        return _math.normalize(x, mean, variance, self.epsilon, gamma, beta)
 
     def _normalize_ghost(self, x, mask, gamma, beta, training):
         """Per-ghost-batch statistics: regroup `(B, ...)` as `(G, v, ...)`, normalize, undo."""
@@ -324,7 +283,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     def _normalize_ghost_even(self, x, gamma, beta, training):
         """Ghost batches that split the batch evenly, unmasked: a reshape (no padding or mask)
-        and `stats.standardize`'s closed-form gradient, per group."""
+        and `_math.standardize`'s closed-form gradient, per group."""
         grouped = tf.reshape(x, tf.concat([[-1, self.virtual_batch_size], tf.shape(x)[1:]], 0))
         shape = [1] + self._param_shape
         gamma = None if gamma is None else tf.reshape(gamma, shape)
@@ -332,25 +291,25 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         outputs, moments = self._standardize(grouped, [a + 1 for a in self._reduction_axes],
                                              gamma, beta, training)
         if training:
-            batch_mean, batch_variance, count = stats.combine_groups(moments)
+            batch_mean, batch_variance, count = _math.combine_groups(moments)
             self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0,
                                     after=outputs)
         return tf.reshape(outputs, tf.shape(x))
 
     def _normalize_ghost_padded(self, x, mask, gamma, beta, training):
         """The general ghost path: a last group smaller than the others, masks, renorm."""
-        grouped, valid, batch_size = stats.split_into_groups(x, self.virtual_batch_size, mask)
+        grouped, valid, batch_size = _math.split_into_groups(x, self.virtual_batch_size, mask)
         group_axes = [a + 1 for a in self._reduction_axes]
-        moments = stats.moments(grouped, group_axes, valid)
+        moments = _math.moments(grouped, group_axes, valid)
         shape = [1] + self._param_shape
         gamma = None if gamma is None else tf.reshape(gamma, shape)
         beta = None if beta is None else tf.reshape(beta, shape)
         mean, variance = moments.mean, moments.variance
         outputs = self._normalize_with(grouped, mean, variance, gamma, beta, training)
         if training:
-            batch_mean, batch_variance, count = stats.combine_groups(moments)
+            batch_mean, batch_variance, count = _math.combine_groups(moments)
             self._update_statistics(batch_mean, batch_variance, tf.reduce_sum(count) > 0)
-        return stats.merge_groups(outputs, batch_size)
+        return _math.merge_groups(outputs, batch_size)
 
     # ---------------------------------------------------------------------------- renorm
     def _renorm_correction(self, mean, variance):
@@ -386,7 +345,7 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
         """Moves the population statistics towards the batch's (skipped for an empty batch).
 
         `after`: the outputs, when they were computed from the renorm statistics inside
-        `stats.standardize_with`'s custom gradient and its XLA kernels. The update then waits for
+        `_math.standardize_with`'s custom gradient and its XLA kernels. The update then waits for
         them: in a traced ghost-batch step, automatic control dependencies alone let the
         correction see the updated statistics in some runs (found by the reference test).
         """
@@ -394,16 +353,16 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
             with tf.control_dependencies([after]):
                 return self._update_statistics(mean, variance, has_values)
         if not self.renorm:
-            stats.assign_moving_average(self.moving_mean, mean, self.momentum, has_values)
-            stats.assign_moving_average(self.moving_variance, variance, self.momentum,
+            _math.assign_moving_average(self.moving_mean, mean, self.momentum, has_values)
+            _math.assign_moving_average(self.moving_variance, variance, self.momentum,
                                         has_values)
             return
         stddev = tf.sqrt(variance + self.epsilon)
-        stats.assign_moving_average(self.renorm_mean, mean, self.renorm_momentum, has_values)
-        stats.assign_moving_average(self.renorm_stddev, stddev, self.renorm_momentum,
+        _math.assign_moving_average(self.renorm_mean, mean, self.renorm_momentum, has_values)
+        _math.assign_moving_average(self.renorm_stddev, stddev, self.renorm_momentum,
                                     has_values)
-        stats.assign_moving_average(self.moving_mean, mean, self.momentum, has_values)
-        stats.assign_moving_average(self.moving_stddev, stddev, self.momentum, has_values)
+        _math.assign_moving_average(self.moving_mean, mean, self.momentum, has_values)
+        _math.assign_moving_average(self.moving_stddev, stddev, self.momentum, has_values)
         # Inference reads moving_variance; derive it from the tracked stddev (>= 0).
         moving_stddev = tf.convert_to_tensor(self.moving_stddev)
         self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
@@ -411,16 +370,9 @@ class BatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
     # ----------------------------------------------------------------------------- config
     def get_config(self):
         config = {
-            "axis": self.axis,
-            "momentum": self.momentum,
-            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer),
             "renorm": self.renorm,
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
-            "synchronized": self.synchronized,
             "virtual_batch_size": self.virtual_batch_size,
-            "inference_statistics": self.inference_statistics,
         }
         return {**super().get_config(), **config}

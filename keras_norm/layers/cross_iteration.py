@@ -9,11 +9,10 @@ layer's linear map itself and can differentiate the statistics with respect to t
 
 import keras
 import tensorflow as tf
-from keras import initializers
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from keras_norm import _compat, stats
-from keras_norm.layers import base
+from keras_norm import _compat, _math
+from keras_norm.layers import base, docstrings
 
 #: The layers CBN can wrap, by exact type (a subclass may compute something else in `call`).
 SUPPORTED_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
@@ -32,6 +31,7 @@ def _read_float(value, dtype):
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
+@docstrings.document
 class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNormalization,
                                        keras.layers.Wrapper):
     """Cross-Iteration Batch Normalization: a Dense/Conv layer followed by windowed BN.
@@ -76,7 +76,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
       training gradient. `dmu_c/dW` is the same for every channel `c` (the mean input patch),
       so it is stored once, with the kernel's shape minus its output axis; without a mask it
       is the filter gradient of a one-channel probe on the batch's sum (one example's work).
-    - Speed. Unmasked, the normalization takes `stats.standardize_with`'s closed-form
+    - Speed. Unmasked, the normalization takes `_math.standardize_with`'s closed-form
       gradient through the pooled statistics. The variance derivative costs one filter
       gradient per step on top of Conv + BN (147 ms against a 390 ms Conv + BN
       forward+backward step on (128, 32, 32, 64), 2-core CPU), so the layer takes about
@@ -131,22 +131,13 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
         momentum: Momentum of the moving averages, in `[0, 1]`. Read at call time.
             Defaults to `0.99`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        moving_mean_initializer: Initializer for the moving mean. Defaults to `"zeros"`.
-        moving_variance_initializer: Initializer for the moving variance. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        {affine_args}
+        {moving_initializer_args}
         synchronized: If `True`, the current batch statistics and their kernel derivatives
             are computed over the global batch of all replicas under a `tf.distribute`
             strategy. Defaults to `False`.
-        inference_statistics: `"moving"` or `"batch"`: what to normalize with at inference.
-            Defaults to `"moving"`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {inference_statistics_arg}
+        {kwargs_arg}
 
     Call arguments:
         inputs: The wrapped layer's input.
@@ -168,28 +159,17 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
     #: are training state that it restores afterwards.
     population_statistics = ("moving_mean", "moving_variance")
     variance_statistics = ("moving_variance",)
+    #: Keras's mask layout flags channels when they are not last (a channels-first
+    #: convolution's mask, passed explicitly: convolutions do not propagate masks).
+    mask_channels_reason = ("the cross-iteration kernel derivatives are stored with one count "
+                            "for all channels")
 
-    def __init__(
-        self,
-        layer,
-        window_size=4,
-        burn_in_steps=0,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        synchronized=False,
-        inference_statistics="moving",
-        **kwargs,
-    ):
+    def __init__(self, layer, window_size=4, burn_in_steps=0, momentum=0.99, epsilon=1e-3,
+                 center=True, scale=True, beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, synchronized=False, inference_statistics="moving",
+                 **kwargs):
         owner = self.__class__.__name__
         if type(layer) not in SUPPORTED_LAYERS:
             raise base.ArgumentTypeError(
@@ -203,19 +183,9 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
                 "the mean is stored once for all channels). "
                 f"Received: layer.groups={layer.groups}"
             )
-        super().__init__(
-            layer=layer, epsilon=epsilon, center=center, scale=scale,
-            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint, **kwargs,
-        )
+        super().__init__(layer=layer, **base.base_arguments(locals()), **kwargs)
         self.window_size = base.check_int(owner, "window_size", window_size, minimum=1)
         self.burn_in_steps = base.check_int(owner, "burn_in_steps", burn_in_steps, minimum=0)
-        self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.synchronized = base.check_bool(owner, "synchronized", synchronized)
-        self._init_inference_statistics(inference_statistics)
         # Only Dense passes Keras masks on; convolutions do not support them.
         self.supports_masking = isinstance(layer, keras.layers.Dense)
         self.moving_mean = None
@@ -228,18 +198,12 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             self.layer.build(input_shape)
         self._check_layer_state()
         output_shape = tuple(self.layer.compute_output_shape(input_shape))
-        ndim = len(output_shape)
+        # The wrapped layer's channel axis: its data format says where, not an argument.
         channels_first = getattr(self.layer, "data_format", None) == "channels_first"
-        self._axis = 1 if channels_first else ndim - 1
-        channels = output_shape[self._axis]
-        self._reduction_axes = [a for a in range(ndim) if a != self._axis]
-        self._param_shape = base.broadcast_shape(ndim, [self._axis], output_shape)
-        shape = (channels,)
+        self._set_channel_axis(output_shape, 1 if channels_first else len(output_shape) - 1)
+        shape = (self._channels,)
         self._build_affine(shape)
-        self.moving_mean = base.add_statistic(self, "moving_mean", shape,
-                                              self.moving_mean_initializer)
-        self.moving_variance = base.add_statistic(self, "moving_variance", shape,
-                                                  self.moving_variance_initializer)
+        self._add_moving_statistics(shape)
         self._kernel_shape = tuple(self.layer.kernel.shape)
         if self.window_size > 1:
             stored = self.window_size - 1
@@ -289,7 +253,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
         self._check_layer_state()
         compute_dtype = self.layer.compute_dtype
         x = tf.cast(inputs, compute_dtype)
-        statistics_dtype = stats.statistics_dtype(compute_dtype)
+        statistics_dtype = _math.statistics_dtype(compute_dtype)
         kernel = _read_float(self.layer.kernel, statistics_dtype)
         kernel_compute = tf.cast(kernel, compute_dtype)
         bias = 0.0
@@ -328,17 +292,17 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             mean = tf.reshape(tf.cast(self.moving_mean, statistics_dtype), self._param_shape)
             variance = tf.reshape(tf.cast(self.moving_variance, statistics_dtype),
                                   self._param_shape)
-            outputs = stats.normalize(z + bias, mean, variance, self.epsilon, gamma, beta)
+            outputs = _math.normalize(z + bias, mean, variance, self.epsilon, gamma, beta)
         elif mask is None:
             outputs, moments = self._normalize_unmasked(z, bias, gamma, beta, kernel, windowed)
             self._update_state(moments, recorded, z, mask, kernel, bias, training, after=outputs)
         else:
-            moments = stats.batch_moments(z, self._reduction_axes, mask, self.synchronized)
+            moments = _math.batch_moments(z, self._reduction_axes, mask, self.synchronized)
             pooled_mean, pooled_variance = moments.mean, moments.variance
             if windowed:
                 pooled_mean, pooled_variance = self._pool(moments.mean, moments.variance,
                                                           kernel)
-            outputs = stats.normalize(z + bias, pooled_mean + bias, pooled_variance,
+            outputs = _math.normalize(z + bias, pooled_mean + bias, pooled_variance,
                                       self.epsilon, gamma, beta)
             self._update_state(moments, recorded, z, mask, kernel, bias, training, after=outputs)
         if self.layer.activation is not None:
@@ -346,7 +310,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
         return tf.cast(outputs, self.compute_dtype)
 
     def _normalize_unmasked(self, z, bias, gamma, beta, kernel, windowed):
-        """Batch (or pooled) statistics without a mask: `stats.standardize_with`'s
+        """Batch (or pooled) statistics without a mask: `_math.standardize_with`'s
         closed-form gradient instead of differentiating the composed moments."""
         def statistics(mean, variance):
             if not windowed:
@@ -359,7 +323,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
         if self.layer.bias is not None:
             zero = 0.0 * bias
             beta = zero if beta is None else beta + zero
-        return stats.standardize_with(z, self._reduction_axes, self.epsilon, statistics, gamma,
+        return _math.standardize_with(z, self._reduction_axes, self.epsilon, statistics, gamma,
                                       beta, self.synchronized)
 
     def _update_state(self, moments, recorded, z, mask, kernel, bias, training, after):
@@ -373,28 +337,10 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
                 derivatives = self._kernel_derivatives(recorded, z, mask, moments)
                 self._update_window(moments.mean, moments.variance, derivatives, kernel,
                                     has_values)
-            stats.assign_moving_average(self.moving_mean, moments.mean + bias, self.momentum,
+            _math.assign_moving_average(self.moving_mean, moments.mean + bias, self.momentum,
                                         has_values)
-            stats.assign_moving_average(self.moving_variance, moments.variance, self.momentum,
+            _math.assign_moving_average(self.moving_variance, moments.variance, self.momentum,
                                         has_values)
-
-    def _expand_mask(self, mask, z):
-        """Keras's mask (the output's shape without its last axis), expanded at -1 as Keras's
-        BatchNormalization does (see `base.expand_mask`). A Dense layer's channels are last,
-        so the mask flags positions; a channels-first convolution's mask (passed explicitly:
-        convolutions do not propagate masks) would flag channels, which the kernel
-        derivatives, stored with one count for all channels, do not support."""
-        mask = base.expand_mask(self._owner, mask, z)
-        if base.mask_varies_along(mask, self._axis):
-            raise ValueError(
-                f"{self._owner}: the mask must not vary along the channel axis {self._axis} of "
-                "the layer's output (Keras's mask layout covers all axes but the last, so with "
-                "a channels-first convolution it flags channels, which the cross-iteration "
-                "kernel derivatives do not support). Pass a mask of size 1 on the channel "
-                f"axis. Received: mask.shape={tuple(mask.shape[:-1])}, "
-                f"output.shape={tuple(z.shape)}"
-            )
-        return mask
 
     # ----------------------------------------------------------------- cross-iteration parts
     def _kernel_derivatives(self, recorded, z, mask, moments):
@@ -422,7 +368,7 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
         mean_gradient = tf.reshape(tf.cast(mean_gradient, z.dtype) * root,
                                    self._kernel_shape[:-1])
         if self.synchronized:
-            mean_gradient, variance_gradient = stats.all_reduce_sum(
+            mean_gradient, variance_gradient = _math.all_reduce_sum(
                 (mean_gradient, variance_gradient))
         return tf.stop_gradient(mean_gradient), tf.stop_gradient(variance_gradient)
 
@@ -501,12 +447,6 @@ class CrossIterationBatchNormalization(base.BatchDependentMixin, base.AffineNorm
             "layer": layer_config,
             "window_size": self.window_size,
             "burn_in_steps": self.burn_in_steps,
-            "momentum": self.momentum,
-            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer),
-            "synchronized": self.synchronized,
-            "inference_statistics": self.inference_statistics,
         }
         return {**super().get_config(), **config}
 

@@ -7,10 +7,9 @@ numerator over a group standard deviation. Neither subtracts a mean.
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
-from keras_norm import stats
-from keras_norm.layers import base
+from keras_norm import _math
+from keras_norm.layers import base, docstrings
 
 
 class _EvoNorm(base.ChannelwiseNormalization):
@@ -19,26 +18,18 @@ class _EvoNorm(base.ChannelwiseNormalization):
     def __init__(self, axis, epsilon, v_initializer="ones", v_regularizer=None,
                  v_constraint=None, **kwargs):
         super().__init__(axis=axis, epsilon=epsilon, **kwargs)
-        self.v_initializer = initializers.get(v_initializer)
-        self.v_regularizer = regularizers.get(v_regularizer)
-        self.v_constraint = constraints.get(v_constraint)
+        self._init_weight_arguments("v", v_initializer, v_regularizer, v_constraint)
         self.v = None
 
     def _build_extra(self):
-        self.v = self._add_channel_weight("v", self.v_initializer, self.v_regularizer,
-                                          self.v_constraint)
+        self.v = self._add_learned("v", (self._channels,))
 
     def get_config(self):
-        config = {
-            "axis": self.axis,
-            "v_initializer": initializers.serialize(self.v_initializer),
-            "v_regularizer": regularizers.serialize(self.v_regularizer),
-            "v_constraint": constraints.serialize(self.v_constraint),
-        }
-        return {**super().get_config(), **config}
+        return {**super().get_config(), **self._weight_arguments_config("v")}
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
+@docstrings.document
 class EvoNormB0(base.BatchDependentMixin, _EvoNorm):
     """EvoNorm-B0: a batch-dependent normalization-activation layer.
 
@@ -65,37 +56,29 @@ class EvoNormB0(base.BatchDependentMixin, _EvoNorm):
 
     Example:
 
-    >>> import numpy as np, keras
+    >>> import numpy as np
     >>> from keras_norm.layers.evonorm import EvoNormB0
-    >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 3)),
-    ...     keras.layers.Conv2D(4, 3),
-    ...     EvoNormB0(),  # replaces BatchNormalization + ReLU
-    ... ])
-    >>> model(np.zeros((2, 8, 8, 3), "float32"), training=True).shape
-    TensorShape([2, 6, 6, 4])
+    >>> layer = EvoNormB0(momentum=0.9)  # replaces BatchNormalization + ReLU
+    >>> x = np.random.default_rng(0).normal(0.0, 2.0, size=(4, 6, 6, 8)).astype("float32")
+    >>> layer(x, training=True).shape
+    TensorShape([4, 6, 6, 8])
+    >>> [weight.name for weight in layer.weights]
+    ['gamma', 'beta', 'v', 'moving_variance']
+    >>> bool(layer.moving_variance.numpy().mean() > 1.0)  # moved towards the batch's ~4
+    True
 
     Args:
         axis: Integer, the channel axis. Defaults to `-1`.
         momentum: Momentum of the moving variance, in `[0, 1]`. Defaults to `0.99`.
         epsilon: Positive float added to both variances. Defaults to `1e-5` (the paper's).
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        v_initializer: Initializer for `v`. Defaults to `"ones"`.
+        {affine_args}
+        {v_args}
         moving_variance_initializer: Initializer for the moving variance. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        v_regularizer: Optional regularizer for `v`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
-        v_constraint: Optional constraint for `v`. Defaults to `None`.
         synchronized: If `True`, compute the batch variance over the global batch of all
             replicas under a `tf.distribute` strategy. Defaults to `False`.
         inference_statistics: `"moving"` or `"batch"`: the batch variance used at inference.
             Defaults to `"moving"`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of rank >= 2, batch axis first. A Keras mask is passed on
@@ -111,46 +94,18 @@ class EvoNormB0(base.BatchDependentMixin, _EvoNorm):
     #: Statistics that are biased variances (`recompute_statistics(unbiased=True)` corrects them).
     variance_statistics = ("moving_variance",)
 
-    def __init__(
-        self,
-        axis=-1,
-        momentum=0.99,
-        epsilon=1e-5,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        v_initializer="ones",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        v_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        v_constraint=None,
-        synchronized=False,
-        inference_statistics="moving",
-        **kwargs,
-    ):
-        super().__init__(
-            axis=axis, epsilon=epsilon, center=center, scale=scale,
-            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            v_initializer=v_initializer, beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer, v_regularizer=v_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
-            v_constraint=v_constraint, **kwargs,
-        )
-        owner = self.__class__.__name__
-        self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.synchronized = base.check_bool(owner, "synchronized", synchronized)
-        self._init_inference_statistics(inference_statistics)
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-5, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones", v_initializer="ones",
+                 moving_variance_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
+                 v_regularizer=None, beta_constraint=None, gamma_constraint=None, v_constraint=None,
+                 synchronized=False, inference_statistics="moving", **kwargs):
+        super().__init__(v_initializer=v_initializer, v_regularizer=v_regularizer,
+                         v_constraint=v_constraint, **base.base_arguments(locals()), **kwargs)
         self.moving_variance = None
 
     def _build_extra(self):
         super()._build_extra()
-        self.moving_variance = base.add_statistic(self, "moving_variance", (self._channels,),
-                                                  self.moving_variance_initializer)
+        self._add_moving_statistics((self._channels,))
 
     def call(self, inputs, training=None):
         x = base.to_statistics_dtype(inputs)
@@ -166,22 +121,13 @@ class EvoNormB0(base.BatchDependentMixin, _EvoNorm):
             epsilon=self.epsilon, synchronized=self.synchronized)
         if self._is_training(training):
             # `self.momentum` is read now, not at build time (recompute_statistics swaps it).
-            stats.assign_moving_average(self.moving_variance, batch.variance, self.momentum,
+            _math.assign_moving_average(self.moving_variance, batch.variance, self.momentum,
                                         tf.reduce_sum(batch.count) > 0)
         return tf.cast(outputs, self.compute_dtype)
 
-    def get_config(self):
-        config = {
-            "momentum": self.momentum,
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer),
-            "synchronized": self.synchronized,
-            "inference_statistics": self.inference_statistics,
-        }
-        return {**super().get_config(), **config}
-
 
 @keras.saving.register_keras_serializable(package="keras_norm")
+@docstrings.document
 class EvoNormS0(_EvoNorm):
     """EvoNorm-S0: a batch-independent (grouped) normalization-activation layer.
 
@@ -199,33 +145,21 @@ class EvoNormS0(_EvoNorm):
 
     Example:
 
-    >>> import numpy as np, keras
+    >>> import numpy as np
     >>> from keras_norm.layers.evonorm import EvoNormS0
-    >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 3)),
-    ...     keras.layers.Conv2D(8, 3),
-    ...     EvoNormS0(groups=4),  # replaces GroupNormalization + ReLU
-    ... ])
-    >>> model(np.zeros((2, 8, 8, 3), "float32")).shape
-    TensorShape([2, 6, 6, 8])
+    >>> layer = EvoNormS0(groups=4)  # replaces GroupNormalization + ReLU
+    >>> x = np.random.default_rng(0).normal(size=(2, 6, 6, 8)).astype("float32")
+    >>> bool(np.allclose(layer(x, training=True), layer(x, training=False)))  # no batch state
+    True
 
     Args:
         groups: Positive int, the number of channel groups; it must divide the number of
             channels. Defaults to `32` (the paper's).
         axis: Integer, the channel axis. Defaults to `-1`.
         epsilon: Positive float added to the variance. Defaults to `1e-5` (the paper's).
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        v_initializer: Initializer for `v`. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        v_regularizer: Optional regularizer for `v`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
-        v_constraint: Optional constraint for `v`. Defaults to `None`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {affine_args}
+        {v_args}
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of rank >= 2, batch axis first. A Keras mask is passed on
@@ -236,35 +170,15 @@ class EvoNormS0(_EvoNorm):
           https://arxiv.org/abs/2004.02967)
     """
 
-    def __init__(
-        self,
-        groups=32,
-        axis=-1,
-        epsilon=1e-5,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        v_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        v_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        v_constraint=None,
-        **kwargs,
-    ):
-        super().__init__(
-            axis=axis, epsilon=epsilon, center=center, scale=scale,
-            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            v_initializer=v_initializer, beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer, v_regularizer=v_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
-            v_constraint=v_constraint, **kwargs,
-        )
+    def __init__(self, groups=32, axis=-1, epsilon=1e-5, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones", v_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None, v_regularizer=None,
+                 beta_constraint=None, gamma_constraint=None, v_constraint=None, **kwargs):
+        super().__init__(v_initializer=v_initializer, v_regularizer=v_regularizer,
+                         v_constraint=v_constraint, **base.base_arguments(locals()), **kwargs)
         self.groups = base.check_int(self.__class__.__name__, "groups", groups, minimum=1)
 
-    def _validate_channels(self, channels):
+    def _validate_channels(self, channels, input_shape):
         if channels % self.groups:
             raise ValueError(
                 f"{self._owner}: the number of channels ({channels}) must be a multiple of "
@@ -273,12 +187,12 @@ class EvoNormS0(_EvoNorm):
 
     def call(self, inputs):
         x = base.to_statistics_dtype(inputs)
-        grouped = stats.split_channels(x, self._axis, self.groups)
+        grouped = _math.split_channels(x, self._axis, self.groups)
         axes = tuple(a for a in range(1, len(grouped.shape)) if a != self._axis)
 
         def grouped_parameter(weight, default):
             value = default if weight is None else self._channel_parameter(weight, x.dtype)
-            return stats.split_channels(tf.broadcast_to(value, self._param_shape), self._axis,
+            return _math.split_channels(tf.broadcast_to(value, self._param_shape), self._axis,
                                         self.groups)
 
         v = grouped_parameter(self.v, None)
@@ -313,18 +227,18 @@ def _evonorm_b0(x, v, gamma, beta, moving_variance, *, spatial_axes, epsilon, sy
     vector), as one device computes it on the global batch.
     """
     use_batch = moving_variance is None
-    sync = use_batch and synchronized and stats.num_replicas_in_sync() > 1
+    sync = use_batch and synchronized and _math.num_replicas_in_sync() > 1
     rank = len(x.shape)
 
     @tf.custom_gradient
     def forward(x, v, gamma, beta):
         instance = _b0_instance_moments(x, axes=spatial_axes)
-        batch = stats.Moments(tf.zeros([1] * rank, x.dtype), tf.zeros([1] * rank, x.dtype),
+        batch = _math.Moments(tf.zeros([1] * rank, x.dtype), tf.zeros([1] * rank, x.dtype),
                               tf.zeros([1] * rank, x.dtype))
         if use_batch:
-            batch = stats.merge_moments(instance, [0])
+            batch = _math.merge_moments(instance, [0])
             if sync:
-                batch = stats.merge_across_replicas(batch)
+                batch = _math.merge_across_replicas(batch)
             batch_variance = batch.variance
         else:
             batch_variance = moving_variance
@@ -341,7 +255,7 @@ def _evonorm_b0(x, v, gamma, beta, moving_variance, *, spatial_axes, epsilon, sy
             batch_coefficient = tf.zeros([1] * rank, x.dtype)
             if use_batch:
                 if sync:
-                    d_batch_std = stats.all_reduce_sum(d_batch_std)
+                    d_batch_std = _math.all_reduce_sum(d_batch_std)
                 batch_coefficient = tf.math.divide_no_nan(d_batch_std / batch_std, batch.count)
             d_x = _b0_backward_input(d_outputs, x, v, gamma, batch_std, instance_std,
                                      instance.mean, batch.mean, instance_coefficient,
@@ -351,16 +265,16 @@ def _evonorm_b0(x, v, gamma, beta, moving_variance, *, spatial_axes, epsilon, sy
         count = tf.broadcast_to(batch.count, tf.shape(batch.mean))
         return (outputs, count, batch.mean, batch.m2), backward
 
-    return stats.outputs_and_moments(*forward(x, v, gamma, beta))
+    return _math.outputs_and_moments(*forward(x, v, gamma, beta))
 
 
-@stats.kernel
+@_math.fused
 def _b0_instance_moments(x, *, axes):
     """Per-example, per-channel moments over the spatial axes (none: each value alone)."""
-    return stats.moments(x, axes)
+    return _math.moments(x, axes)
 
 
-@stats.kernel
+@_math.fused
 def _b0_outputs(x, v, gamma, beta, batch_std, instance_std):
     return x / tf.maximum(batch_std, v * x + instance_std) * gamma + beta
 
@@ -373,7 +287,7 @@ def _b0_denominator(x, v, batch_std, instance_std):
     return 1.0 / tf.maximum(batch_std, instance_term), batch_wins
 
 
-@stats.kernel
+@_math.fused
 def _b0_backward_sums(d_outputs, x, v, gamma, beta, batch_std, instance_std, *, spatial_axes):
     """The reductions of EvoNorm-B0's backward pass (see `_evonorm_b0`).
 
@@ -390,16 +304,16 @@ def _b0_backward_sums(d_outputs, x, v, gamma, beta, batch_std, instance_std, *, 
     terms = tf.stack([ratio_dy, weighted * instance_wins * x, weighted * batch_wins,
                       weighted * instance_wins, d_outputs], axis=-1)
     (sum_ratio_dy, sum_v_term, sum_batch_term, sum_instance_term,
-     sum_dy) = tf.unstack(stats.sum_over(terms, list(spatial_axes)), axis=-1)
-    d_gamma = stats.sum_to(sum_ratio_dy, gamma)
-    d_v = stats.sum_to(-gamma * sum_v_term, v)
+     sum_dy) = tf.unstack(_math.sum_over(terms, list(spatial_axes)), axis=-1)
+    d_gamma = _math.sum_to(sum_ratio_dy, gamma)
+    d_v = _math.sum_to(-gamma * sum_v_term, v)
     d_batch_std = -gamma * tf.reduce_sum(sum_batch_term, [0], keepdims=True)
     d_instance_std = -gamma * sum_instance_term
-    d_beta = stats.sum_to(sum_dy, beta)
+    d_beta = _math.sum_to(sum_dy, beta)
     return d_v, d_gamma, d_beta, d_instance_std, d_batch_std
 
 
-@stats.kernel
+@_math.fused
 def _b0_backward_input(d_outputs, x, v, gamma, batch_std, instance_std, instance_mean,
                        batch_mean, instance_coefficient, batch_coefficient):
     """The input gradient of EvoNorm-B0 (see `_evonorm_b0`)."""
@@ -447,15 +361,15 @@ def _evonorm_s0(grouped, v, gamma, beta, axes, epsilon):
     return forward(grouped, v, gamma, beta)
 
 
-@stats.kernel
+@_math.fused
 def _s0_forward(x, v, gamma, beta, *, axes, epsilon):
-    group = stats.moments(x, axes)
+    group = _math.moments(x, axes)
     inv_std = tf.math.rsqrt(group.variance + epsilon)
     outputs = x * tf.sigmoid(v * x) * (gamma * inv_std) + beta
     return outputs, group.mean, inv_std
 
 
-@stats.kernel
+@_math.fused
 def _s0_backward_sums(d_outputs, x, inv_std, v, gamma, beta, *, axes):
     """`(d loss / d r, dv, dgamma, dbeta)` of EvoNorm-S0 (see `_evonorm_s0`)."""
     # Axes along which the per-channel parameters are constant (the spatial ones): reduced
@@ -466,19 +380,19 @@ def _s0_backward_sums(d_outputs, x, inv_std, v, gamma, beta, *, axes):
     # `_b0_backward_sums`); gamma and r are constant there and scale the small results.
     terms = tf.stack([d_outputs * x * s, d_outputs * tf.square(x) * s * (1.0 - s), d_outputs],
                      axis=-1)
-    sum_dy_h, sum_v_term, sum_dy = tf.unstack(stats.sum_over(terms, inner), axis=-1)
+    sum_dy_h, sum_v_term, sum_dy = tf.unstack(_math.sum_over(terms, inner), axis=-1)
     d_inv_std = tf.reduce_sum(sum_dy_h * gamma, axes, keepdims=True)
-    d_v = stats.sum_to(sum_v_term * gamma * inv_std, v)
-    d_gamma = stats.sum_to(sum_dy_h * inv_std, gamma)
-    d_beta = stats.sum_to(sum_dy, beta)
+    d_v = _math.sum_to(sum_v_term * gamma * inv_std, v)
+    d_gamma = _math.sum_to(sum_dy_h * inv_std, gamma)
+    d_beta = _math.sum_to(sum_dy, beta)
     return d_inv_std, d_v, d_gamma, d_beta
 
 
-@stats.kernel
+@_math.fused
 def _s0_backward_input(d_outputs, x, mean, inv_std, d_inv_std, v, gamma, *, axes):
     """The input gradient of EvoNorm-S0 (see `_evonorm_s0`): the gate's path, then the
     variance's, spread over every value of its set."""
     s = tf.sigmoid(v * x)
     d_x_numerator = d_outputs * (gamma * inv_std) * (s + v * x * s * (1.0 - s))
-    count = stats.count_over(x, axes)
+    count = _math.count_over(x, axes)
     return d_x_numerator - (x - mean) * (inv_std ** 3 * d_inv_std / count)

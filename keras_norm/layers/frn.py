@@ -2,13 +2,14 @@
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import constraints, initializers
 
-from keras_norm import stats
-from keras_norm.layers import base
+from keras_norm import _math
+from keras_norm.layers import base, docstrings
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
+@docstrings.document
 class FilterResponseNormalization(base.ChannelwiseNormalization):
     """Filter Response Normalization followed by a Thresholded Linear Unit (FRN + TLU).
 
@@ -38,15 +39,14 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
 
     Example:
 
-    >>> import numpy as np, keras
+    >>> import numpy as np
     >>> from keras_norm.layers.frn import FilterResponseNormalization
-    >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 3)),
-    ...     keras.layers.Conv2D(4, 3),
-    ...     FilterResponseNormalization(),  # no activation after it: TLU is the activation
-    ... ])
-    >>> model(np.zeros((2, 8, 8, 3), "float32")).shape
-    TensorShape([2, 6, 6, 4])
+    >>> frn = FilterResponseNormalization(learned_epsilon=True)  # no activation after it
+    >>> y = frn(np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32"))
+    >>> bool(y.numpy().min() >= 0.0)  # the TLU max(y, tau) starts as a ReLU (tau = 0)
+    True
+    >>> [weight.name for weight in frn.weights]
+    ['gamma', 'beta', 'tau', 'learned_epsilon']
 
     Args:
         epsilon: Positive float added to the mean square. Defaults to `1e-6`.
@@ -55,20 +55,13 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
             Defaults to `False`.
         use_tlu: If `True`, apply the thresholded linear unit `max(y, tau)` (weight `tau`);
             `False` gives plain FRN (e.g. before a residual addition). Defaults to `True`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        {affine_args}
         tau_initializer: Initializer for `tau`. Defaults to `"zeros"` (TLU starts as ReLU).
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
         tau_regularizer: Optional regularizer for `tau`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
         tau_constraint: Optional constraint for `tau`. Defaults to `None`.
         learned_epsilon_constraint: Optional constraint for `learned_epsilon`.
             Defaults to `None`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of rank >= 2, batch axis first. A Keras mask is passed on
@@ -79,51 +72,27 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
           Dependence in the Training of Deep Neural Networks](https://arxiv.org/abs/1911.09737)
     """
 
-    def __init__(
-        self,
-        epsilon=1e-6,
-        axis=-1,
-        learned_epsilon=False,
-        use_tlu=True,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        tau_initializer="zeros",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        tau_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        tau_constraint=None,
-        learned_epsilon_constraint=None,
-        **kwargs,
-    ):
-        super().__init__(
-            axis=axis, epsilon=epsilon, center=center, scale=scale,
-            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint, **kwargs,
-        )
+    def __init__(self, epsilon=1e-6, axis=-1, learned_epsilon=False, use_tlu=True, center=True,
+                 scale=True, beta_initializer="zeros", gamma_initializer="ones",
+                 tau_initializer="zeros", beta_regularizer=None, gamma_regularizer=None,
+                 tau_regularizer=None, beta_constraint=None, gamma_constraint=None,
+                 tau_constraint=None, learned_epsilon_constraint=None, **kwargs):
+        super().__init__(**base.base_arguments(locals()), **kwargs)
         owner = self.__class__.__name__
         self.learned_epsilon = base.check_bool(owner, "learned_epsilon", learned_epsilon)
         self.use_tlu = base.check_bool(owner, "use_tlu", use_tlu)
-        self.tau_initializer = initializers.get(tau_initializer)
-        self.tau_regularizer = regularizers.get(tau_regularizer)
-        self.tau_constraint = constraints.get(tau_constraint)
+        self._init_weight_arguments("tau", tau_initializer, tau_regularizer, tau_constraint)
         self.learned_epsilon_constraint = constraints.get(learned_epsilon_constraint)
         self.tau = None
         self.eps_learned = None
 
     def _build_extra(self):
         if self.use_tlu:
-            self.tau = self._add_channel_weight("tau", self.tau_initializer,
-                                                self.tau_regularizer, self.tau_constraint)
+            self.tau = self._add_learned("tau", (self._channels,))
         if self.learned_epsilon:
-            self.eps_learned = self.add_weight(
-                shape=(1,), name="learned_epsilon", initializer=initializers.Constant(1e-4),
-                constraint=self.learned_epsilon_constraint, trainable=True, autocast=False,
-            )
+            # TF Addons' initial value; only its constraint is an argument.
+            self.eps_learned = self._add_learned("learned_epsilon", (1,),
+                                                 initializers.Constant(1e-4))
 
     def call(self, inputs):
         x = base.to_statistics_dtype(inputs)
@@ -135,12 +104,12 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
                                epsilon=self.epsilon)
             return tf.cast(outputs, self.compute_dtype)
         if self.eps_learned is None:
-            # x / sqrt(mean(x^2) + eps) with a closed-form gradient (see stats.standardize).
+            # x / sqrt(mean(x^2) + eps) with a closed-form gradient (see _math.standardize).
             gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
-            outputs, _ = stats.standardize(x, self._spatial_axes, self.epsilon, gamma, beta,
+            outputs, _ = _math.standardize(x, self._spatial_axes, self.epsilon, gamma, beta,
                                            center=False)
         else:
-            nu2 = stats.mean_square(x, self._spatial_axes)  # no spatial axes: x ** 2
+            nu2 = _math.mean_square(x, self._spatial_axes)  # no spatial axes: x ** 2
             epsilon = self.epsilon + tf.abs(tf.cast(self.eps_learned, x.dtype))
             outputs = self._apply_affine(x, tf.math.rsqrt(nu2 + epsilon))
         if self.tau is not None:
@@ -149,12 +118,9 @@ class FilterResponseNormalization(base.ChannelwiseNormalization):
 
     def get_config(self):
         config = {
-            "axis": self.axis,
             "learned_epsilon": self.learned_epsilon,
             "use_tlu": self.use_tlu,
-            "tau_initializer": initializers.serialize(self.tau_initializer),
-            "tau_regularizer": regularizers.serialize(self.tau_regularizer),
-            "tau_constraint": constraints.serialize(self.tau_constraint),
+            **self._weight_arguments_config("tau"),
             "learned_epsilon_constraint": constraints.serialize(
                 self.learned_epsilon_constraint),
         }
@@ -175,7 +141,7 @@ def _frn_tlu(x, gamma, beta, tau, *, axes, epsilon):
         dx = gamma r (dz - x r^2 mean(dz x)),   dgamma = sum dz x r,   dbeta = sum dz
         dtau = sum dy (1 - A)
     """
-    gamma, beta = stats.affine_or_identity(x, gamma, beta)
+    gamma, beta = _math.affine_or_identity(x, gamma, beta)
 
     @tf.custom_gradient
     def forward(x, gamma, beta, tau):
@@ -190,21 +156,21 @@ def _frn_tlu(x, gamma, beta, tau, *, axes, epsilon):
     return forward(x, gamma, beta, tau)
 
 
-@stats.kernel
+@_math.fused
 def _frn_tlu_forward(x, gamma, beta, tau, *, axes, epsilon):
     inv_std = tf.math.rsqrt(tf.reduce_mean(tf.square(x), list(axes), keepdims=True) + epsilon)
     return tf.maximum(x * (gamma * inv_std) + beta, tau), inv_std
 
 
-@stats.kernel
+@_math.fused
 def _frn_tlu_backward(d_outputs, x, inv_std, gamma, beta, tau, *, axes):
     scale = gamma * inv_std
     passes = tf.cast(x * scale + beta >= tau, x.dtype)
     d_z = d_outputs * passes
     # The spatial sums as one reduction of stacked terms (see evonorm's `_b0_backward_sums`).
     terms = tf.stack([d_z * x, d_z, d_outputs - d_z], axis=-1)
-    sum_dz_x, sum_dz, sum_blocked = tf.unstack(stats.sum_over(terms, list(axes)), axis=-1)
-    count = stats.count_over(x, axes)
+    sum_dz_x, sum_dz, sum_blocked = tf.unstack(_math.sum_over(terms, list(axes)), axis=-1)
+    count = _math.count_over(x, axes)
     d_x = scale * (d_z - x * (tf.square(inv_std) * sum_dz_x / count))
-    return (d_x, stats.sum_to(sum_dz_x * inv_std, gamma), stats.sum_to(sum_dz, beta),
-            stats.sum_to(sum_blocked, tau))
+    return (d_x, _math.sum_to(sum_dz_x * inv_std, gamma), _math.sum_to(sum_dz, beta),
+            _math.sum_to(sum_blocked, tau))

@@ -10,7 +10,7 @@ differ only in which values share statistics:
 
 None of them depends on the rest of the batch, so training and inference are the same function
 and there are no moving statistics. Statistics are two-pass moments in float32
-(`stats.moments`, `stats.group_moments`) whatever the input dtype.
+(`_math.moments`, `_math.group_moments`) whatever the input dtype.
 
 Masks. Keras's `LayerNormalization` and `GroupNormalization` pass a mask on but never use it, so
 padding enters group norm's statistics. Here a mask removes the masked values from the
@@ -23,7 +23,7 @@ positions; with `axis=1` on `(N, C, L)` inputs an `(N, C)` mask flags channels o
 and group norm leaves the flagged channels out of their group's statistics. With
 `LayerNormalization(axis=-1)` the statistics of one position never mix positions, so a
 `(batch, time)` mask changes nothing and outputs equal Keras's. A set of values sharing
-statistics with no valid value falls back to all of its values (`stats.fallback_mask`).
+statistics with no valid value falls back to all of its values (`_math.fallback_mask`).
 """
 
 import numbers
@@ -32,94 +32,14 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_norm import stats
-from keras_norm.layers import base
-
-
-# ------------------------------------------------------------------------------------ masks
-def mask_for_statistics(owner, mask, x, statistics_axes):
-    """The float mask statistics over `statistics_axes` should use, or `None` if it cannot matter.
-
-    Args:
-        owner: Layer description for error messages.
-        mask: `None` or a boolean/0-1 tensor in Keras's layout (the input's shape without its
-            last axis), or of lower rank: a prefix of the input's shape, such as Keras's
-            `(batch, time)` masks (see `base.expand_mask`). It covers the input's leading
-            axes and is broadcast over the rest, whichever axis holds the channels.
-        x: The input tensor.
-        statistics_axes: Non-negative axes of `x` that a set of values sharing statistics
-            spans.
-
-    Returns:
-        The mask at the rank of `x` (size 1 where it does not vary), or `None` when it varies
-        along none of `statistics_axes` (then it cannot change the statistics: a fully masked
-        set falls back to all its values, see `stats.fallback_mask`).
-    """
-    if mask is None:
-        return None
-    mask = base.expand_mask(owner, mask, x, allow_prefix=True)
-    if not any(base.mask_varies_along(mask, a) for a in statistics_axes):
-        return None
-    return mask
-
-
-# ------------------------------------------------------------------------------ feature axes
-class FeatureAxesMixin:
-    """Keras's `axis` argument of `LayerNormalization`/`RMSNormalization`, without its defects.
-
-    `axis` is an int or a list of ints; the weights span the normalized axes (sizes in sorted
-    order, as Keras). Keras rewrites `self.axis` in `build`; here it stays what the user gave
-    (a tuple is kept as a list, its JSON form) and the canonical axes are derived per call, so a
-    layer built with a negative axis also accepts inputs of another rank, as Keras's does.
-    """
-
-    def _init_feature_axes(self, axis):
-        checked = base.check_axis_argument(self.__class__.__name__, axis)
-        self._axis_argument = checked
-        self.axis = list(checked) if isinstance(checked, tuple) else checked
-
-    @property
-    def _owner(self):
-        return f"{self.__class__.__name__} layer {self.name!r}"
-
-    def _build_feature_axes(self, input_shape):
-        """Validates the axes against `input_shape`; returns the weights' shape."""
-        axes = base.canonical_axes(self._owner, self._axis_argument, input_shape)
-        sizes = tuple(input_shape[a] for a in axes)
-        if None in sizes:
-            raise ValueError(
-                f"{self._owner}: the normalized axes {axes} of the input must have known sizes. "
-                f"Received: input_shape={tuple(input_shape)}, axis={self.axis!r}"
-            )
-        self._feature_sizes = sizes
-        spelled = self._axis_argument if isinstance(self._axis_argument, tuple) else (
-            self._axis_argument,)
-        self.input_spec = keras.layers.InputSpec(
-            min_ndim=max(a + 1 if a >= 0 else -a for a in spelled),
-            axes={a: input_shape[a] for a in spelled},
-        )
-        return sizes
-
-    def _feature_axes(self, x):
-        """`(axes, param_shape)` for this input: sorted non-negative axes, broadcast shape."""
-        axes = base.canonical_axes(self._owner, self._axis_argument, x.shape)
-        shape = [1] * len(x.shape)
-        for a, size in zip(axes, self._feature_sizes):
-            shape[a] = size
-        return axes, shape
-
-    def _statistics_mask(self, mask, x, axes):
-        mask = mask_for_statistics(self._owner, mask, x, axes)
-        return None if mask is None else stats.fallback_mask(mask, axes)
-
-    def compute_output_shape(self, input_shape):
-        base.canonical_axes(self._owner, self._axis_argument, input_shape)
-        return tuple(input_shape)
+from keras_norm import _math
+from keras_norm.layers import base, docstrings
 
 
 # ------------------------------------------------------------------------------------ layers
 @keras.saving.register_keras_serializable(package="keras_norm")
-class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
+@docstrings.document
+class LayerNormalization(base.FeatureAxesMixin, base.AffineNormalization):
     """Layer normalization: each example normalized over its feature axes.
 
     A drop-in replacement for `keras.layers.LayerNormalization` (Keras 3): the same arguments,
@@ -153,52 +73,29 @@ class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
         axis: Integer or list of integers: the axes to normalize over (typically the
             features). Defaults to `-1`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        {affine_args}
         rms_scaling: Deprecated, as in Keras, and kept so that Keras configs load: if `True`,
             `y = gamma * x / sqrt(var + epsilon)` (no centering, no `beta`; `gamma` is created
             even with `scale=False`). This divides by the standard deviation, not the root
             mean square: use `RMSNormalization` for RMS norm. Defaults to `False`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor with the axes `axis` names (any rank >= 1 for `axis=-1`).
-        mask: Optional boolean mask in Keras's layout: the input's shape without its last
-            axis, or a shorter prefix of the input's shape (`(batch, time)`), broadcast over
-            the remaining axes (see the module docstring). It is passed on; it changes the
-            statistics only where it varies along a normalized axis.
+        {per_example_mask_arg}
+            It is passed on; it changes the statistics only where it varies along a
+            normalized axis.
 
     Reference:
         - [Ba et al., 2016](https://arxiv.org/abs/1607.06450)
     """
 
-    def __init__(
-        self,
-        axis=-1,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        rms_scaling=False,
-        **kwargs,
-    ):
-        super().__init__(
-            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint, **kwargs,
-        )
+    def __init__(self, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
+                 beta_constraint=None, gamma_constraint=None, rms_scaling=False, **kwargs):
+        arguments = base.base_arguments(locals())
+        axis = arguments.pop("axis")
+        super().__init__(**arguments, **kwargs)
         self._init_feature_axes(axis)
         self.rms_scaling = base.check_bool(self.__class__.__name__, "rms_scaling", rms_scaling)
         if self.rms_scaling:
@@ -217,11 +114,7 @@ class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
             self._build_affine(shape)
             return
         # Keras's deprecated path: gamma always, never beta (so Keras weights load).
-        self.gamma = self.add_weight(
-            shape=shape, name="gamma", initializer=self.gamma_initializer,
-            regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
-            trainable=True, autocast=False,
-        )
+        self.gamma = self._add_learned("gamma", shape)
 
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
@@ -229,20 +122,20 @@ class LayerNormalization(FeatureAxesMixin, base.AffineNormalization):
         statistics_mask = self._statistics_mask(mask, x, axes)
         gamma, beta = self._affine_parameters(x.dtype, shape)
         if statistics_mask is None and not self.rms_scaling:
-            # Unmasked: one op with a closed-form gradient (see stats.standardize).
-            outputs, _ = stats.standardize(x, axes, self.epsilon, gamma, beta)
+            # Unmasked: one op with a closed-form gradient (see _math.standardize).
+            outputs, _ = _math.standardize(x, axes, self.epsilon, gamma, beta)
             return tf.cast(outputs, self.compute_dtype)
-        moments = stats.moments(x, axes, statistics_mask)
+        moments = _math.moments(x, axes, statistics_mask)
         if self.rms_scaling:
             scale = tf.math.rsqrt(moments.variance + self.epsilon)
             outputs = x * (scale if gamma is None else scale * gamma)  # one full-size multiply
         else:
-            outputs = stats.normalize(x, moments.mean, moments.variance, self.epsilon, gamma,
+            outputs = _math.normalize(x, moments.mean, moments.variance, self.epsilon, gamma,
                                       beta)
         return tf.cast(outputs, self.compute_dtype)
 
     def get_config(self):
-        return {**super().get_config(), "axis": self.axis, "rms_scaling": self.rms_scaling}
+        return {**super().get_config(), "rms_scaling": self.rms_scaling}
 
 
 def _check_groups(owner, groups):
@@ -260,7 +153,8 @@ def _check_groups(owner, groups):
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
-class GroupNormalization(base.AffineNormalization):
+@docstrings.document
+class GroupNormalization(base.ChannelwiseNormalization):
     """Group normalization: each example normalized per group of channels.
 
     The channels are split into `groups` groups of consecutive channels; each example is
@@ -299,60 +193,30 @@ class GroupNormalization(base.AffineNormalization):
             group per channel. Defaults to `32`.
         axis: Integer, the channel axis (`1` for channels-first inputs). Defaults to `-1`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {affine_args}
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of rank >= 2 (batch, then channels among the other axes).
-        mask: Optional boolean mask in Keras's layout: the input's shape without its last
-            axis, or a shorter prefix of the input's shape (`(batch, time)`), broadcast over
-            the remaining axes whichever axis holds the channels (with `axis=1` on `(N, C, L)`
-            an `(N, C)` mask flags channels; see the module docstring). Masked values do not
-            enter the statistics (they are still normalized); a group of an example with no
-            valid value uses all its values. It is passed on unchanged.
+        {per_example_mask_arg}
+            Whichever axis holds the channels: with `axis=1` on `(N, C, L)` an `(N, C)` mask
+            flags channels. Masked values do not enter the statistics (they are still
+            normalized); a group of an example with no valid value uses all its values. It is
+            passed on unchanged.
 
     Reference:
         - [Wu & He, 2018](https://arxiv.org/abs/1803.08494)
     """
 
-    def __init__(
-        self,
-        groups=32,
-        axis=-1,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        **kwargs,
-    ):
-        super().__init__(
-            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint, **kwargs,
-        )
-        owner = self.__class__.__name__
-        self.groups = _check_groups(owner, groups)
-        self.axis = base.check_channel_axis(owner, axis)
+    def __init__(self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, **kwargs):
+        super().__init__(**base.base_arguments(locals()), **kwargs)
+        self.groups = _check_groups(self.__class__.__name__, groups)
         # Keep float32 inputs float32 under mixed precision (Keras does the same).
         self.autocast = False
 
-    def build(self, input_shape):
-        ndim = len(input_shape)
-        self._axis, channels = base.per_example_channel_axis(self._owner, self.axis,
-                                                             input_shape)
+    def _validate_channels(self, channels, input_shape):
         groups = channels if self.groups == -1 else self.groups
         # The rule, and Keras's wording of it (Keras's own tests match that).
         received = f"Received: groups={self.groups}, input_shape={tuple(input_shape)}"
@@ -370,47 +234,46 @@ class GroupNormalization(base.AffineNormalization):
             )
         self._groups = groups
         self._one_channel_per_group = groups == channels
-        self._build_affine((channels,))
-        self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self._axis: channels})
+        ndim = len(input_shape)
         self._group_param_shape = ([1] * self._axis + [groups, channels // groups]
                                    + [1] * (ndim - self._axis - 1))
-        self._channel_param_shape = [1] * self._axis + [channels] + [1] * (ndim - self._axis - 1)
-        self._reduction_axes = [a for a in range(1, ndim) if a != self._axis]
         # The axes a set of values sharing statistics spans: the channel axis too, unless
         # every group is one channel.
-        self._statistics_axes = self._reduction_axes + (
+        self._statistics_axes = self._spatial_axes + (
             [] if self._one_channel_per_group else [self._axis])
-        # The same in the grouped layout (channel axis split into groups, channels per group).
+        # The spatial axes in the grouped layout (channel axis split into groups, channels
+        # per group).
         self._reduction_axes_grouped = [a for a in range(1, ndim + 1) if a != self._axis]
 
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
-        mask = mask_for_statistics(self._owner, mask, x, self._statistics_axes)
+        mask = base.statistics_mask(self._owner, mask, x, self._statistics_axes)
         if mask is None and self._one_channel_per_group:
             # One channel per group (instance norm): no group axis to split off; XLA's CPU
             # backend reduces the unsplit layout faster.
-            gamma, beta = self._affine_parameters(x.dtype, self._channel_param_shape)
-            outputs, _ = stats.standardize(x, self._reduction_axes, self.epsilon, gamma, beta)
+            gamma, beta = self._affine_parameters(x.dtype, self._param_shape)
+            outputs, _ = _math.standardize(x, self._spatial_axes, self.epsilon, gamma, beta)
             return tf.cast(outputs, self.compute_dtype)
         gamma, beta = self._affine_parameters(x.dtype, self._group_param_shape)
         if mask is None:
-            # Unmasked: one op with a closed-form gradient (see stats.standardize).
-            grouped = stats.split_channels(x, self._axis, self._groups)
-            outputs, _ = stats.standardize(grouped, self._reduction_axes_grouped, self.epsilon,
+            # Unmasked: one op with a closed-form gradient (see _math.standardize).
+            grouped = _math.split_channels(x, self._axis, self._groups)
+            outputs, _ = _math.standardize(grouped, self._reduction_axes_grouped, self.epsilon,
                                            gamma, beta)
             return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
         # Keras's layout with the channels not last: the mask flags channels too, and the
-        # flagged ones leave their group's statistics (see stats.group_moments).
-        grouped, moments = stats.group_moments(x, self._axis, self._groups, mask)
-        outputs = stats.normalize(grouped, moments.mean, moments.variance, self.epsilon, gamma,
+        # flagged ones leave their group's statistics (see _math.group_moments).
+        grouped, moments = _math.group_moments(x, self._axis, self._groups, mask)
+        outputs = _math.normalize(grouped, moments.mean, moments.variance, self.epsilon, gamma,
                                   beta)
         return tf.cast(tf.reshape(outputs, tf.shape(inputs)), self.compute_dtype)
 
     def get_config(self):
-        return {**super().get_config(), "groups": self.groups, "axis": self.axis}
+        return {**super().get_config(), "groups": self.groups}
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
+@docstrings.document
 class InstanceNormalization(GroupNormalization):
     """Instance normalization: each example normalized per channel over its spatial axes.
 
@@ -435,15 +298,8 @@ class InstanceNormalization(GroupNormalization):
     Args:
         axis: Integer, the channel axis (`1` for channels-first inputs). Defaults to `-1`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {affine_args}
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of rank >= 3 to have spatial axes (rank 2 gives zeros + `beta`).
@@ -453,32 +309,16 @@ class InstanceNormalization(GroupNormalization):
         - [Ulyanov et al., 2016](https://arxiv.org/abs/1607.08022)
     """
 
-    def __init__(
-        self,
-        axis=-1,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        **kwargs,
-    ):
+    def __init__(self, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
+                 beta_constraint=None, gamma_constraint=None, **kwargs):
         if "groups" in kwargs:
             raise base.ArgumentTypeError(
                 f"{self.__class__.__name__}: argument `groups` is not accepted: instance "
                 "normalization uses one group per channel. Use GroupNormalization(groups=...) "
                 f"for other groupings. Received: groups={kwargs['groups']!r}"
             )
-        super().__init__(
-            groups=-1, axis=axis, epsilon=epsilon, center=center, scale=scale,
-            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint, **kwargs,
-        )
+        super().__init__(groups=-1, **base.base_arguments(locals()), **kwargs)
 
     def get_config(self):
         config = super().get_config()

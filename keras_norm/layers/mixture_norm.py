@@ -17,11 +17,15 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from keras_norm import stats
-from keras_norm.layers import base
+from keras_norm import _math
+from keras_norm.layers import base, docstrings
 
 MIXTURE_AXES = ("channels", "per_channel")
 WARM_STARTS = ("aligned", "moving")
+#: Why a mask that flags channels cannot be used with one mixture over the channel vector.
+_ONE_POSTERIOR = ("with mixture_axes='channels' each position's channel vector is one sample "
+                  "with one posterior (mixture_axes='per_channel', num_components=1 or "
+                  "channels-last inputs take a mask per value)")
 
 
 class Mixture(NamedTuple):
@@ -83,13 +87,14 @@ def seed_offsets(num_components):
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
-class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
+@docstrings.document
+class MixtureNormalization(base.BatchDependentMixin, base.ChannelwiseNormalization):
     """Mixture normalization: normalizes each value against a Gaussian mixture fitted per batch.
 
     Each position of each example is a sample `x_i` (the C-vector of channels). In training, a
     K-component Gaussian mixture with diagonal covariances is fitted to the batch by
     `em_iterations` EM steps, and every sample is normalized against its soft-assigned
-    components (Kalayeh & Shah 2018, section 7 of the project's ALGORITHMS.md):
+    components (Kalayeh & Shah 2018; docs/algorithms.md section 7):
 
     ```
     tau_ik  = lambda_k N(x_i | mu_k, var_k + eps) / sum_j lambda_j N(x_i | mu_j, var_j + eps)
@@ -103,95 +108,35 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
 
     With `num_components=1`, `tau = lambda = 1` and the layer is exactly
     `keras_norm.BatchNormalization` (outputs, gradients, moving statistics, inference); it then
-    runs batch norm's statistics code (`stats.batch_moments`, `stats.normalize`) directly.
+    runs batch norm's statistics code (`_math.batch_moments`, `_math.normalize`) directly.
 
-    The paper's full text was not available; these are the choices made where the abstract and
-    the Fisher-vector form leave it open, each with its reason:
-
-    - **Fisher-vector weighting.** Each component's term is divided by `sqrt(lambda_k)`, as in
-      the Fisher vector the paper builds on (`fisher_scaling=False` drops it). In training
-      `tau_ik <= N lambda_k`, so a term is never amplified by more than `sqrt(N)`; `lambda_k` is
-      floored at `min_weight` wherever it divides or enters a logarithm. With well separated
-      components the output's variance is about K rather than 1; `gamma` absorbs it.
-    - **Samples.** `mixture_axes="channels"` (default) fits one mixture over the channel vector
-      at each position (diagonal covariance, one posterior per position), as the paper's
-      per-location soft assignment; `"per_channel"` fits an independent 1-D mixture to every
-      channel (posteriors per value): more flexible, but K times the posterior memory and
-      several times the cost.
-    - **The training output uses the batch mixture the way inference uses the moving one.**
-      The estimate is `em_iterations` E+M steps from the initial mixture; the posteriors the
-      output uses come from one more E-step with the final parameters, so the training output
-      is `f(x; theta_batch)` and the inference output is the same `f(x; theta_moving)`.
-    - **Gradients** flow, as in BN, through the final M-step's means and variances (weighted
-      sums of the inputs). Posteriors, and hence the weights `lambda_k`, are constants by
-      default (`posterior_gradient=False`), as EM itself treats them: the normalization is
-      then a posterior-weighted BN per component, and the backward pass skips the E-steps.
-      With `posterior_gradient=True` the gradient is exact for the computed function: it runs
-      through every unrolled E- and M-step (the initial mixture is a constant either way).
-    - **EM in log space, shifted sufficient statistics.** Posteriors are a softmax over
-      `log lambda_k + log N(...)` (log-sum-exp). Everything is computed on `x - s`, `s` the
-      batch's exact (two-pass, synchronized when asked) per-channel mean: the quadratic forms
-      are matrix products of `x - s` and `(x - s)^2` with the components' precisions, and the
-      M-step sums `tau, tau (x - s), tau (x - s)^2`, so float32 keeps its precision when
-      `|mean| >> std`. `x - s` and its square are computed once per call and shared by every
-      E- and M-step.
-    - **Variance floor = epsilon.** The mixture density uses `var_k + epsilon`, the same
-      regularised variance the output divides by, so a component that collapses onto one value
-      never produces an infinite density or a NaN.
-    - **Degenerate components.** A component whose weight falls below `min_weight` in an M-step
-      (it received almost no responsibility: a batch without such values, batch size 1) keeps
-      its previous mean and variance instead of a 0/0 estimate, so it survives until data
-      return to it and component identity is kept.
-    - **Initialisation.** The first batch the layer sees (`num_updates == 0`) is seeded
-      deterministically by a quantile split along the data's principal direction: with `v`
-      the batch variance, `z = (x - s) / sqrt(v + eps)` the standardized samples and `d`,
-      `ev` the top eigenvector and eigenvalue of their correlation matrix (sign fixed so
-      that `d . (1, 2, .., C) >= 0`): equal weights, means `s + q_k sqrt(ev) d sqrt(v + eps)`
-      (`q_k` the centres of K equiprobable bins of N(0, 1)) and variances `v`. Per channel:
-      means `s + q_k sqrt(v + eps)`. (The standardized diagonal, the cheaper choice, fails
-      when channels are anti-correlated: two modes then project onto one point.) The C x C
-      correlation and its eigendecomposition are computed at the first step only, inside a
-      `tf.cond`. The first training update copies the fitted mixture into the moving one
-      (momentum 0 once, for K > 1): an EMA that starts from its initializers would warm-start
-      the next batches from nearly identical components that EM cannot separate.
-    - **Warm starts.** Afterwards EM starts from the moving mixture, so component `k` keeps its
-      identity across steps and the moving averages mean something. With
-      `warm_start="aligned"` (default) the moving mixture is first re-centred and re-scaled per
-      channel so that its overall mean and variance match the batch's (the components keep
-      their relative layout): early in training the features drift faster than a 0.99 EMA
-      follows, and an unaligned start can hand all values to one component.
-      `warm_start="moving"` starts from the moving mixture unchanged. A non-trainable
-      `num_updates` counter (saved with the model) records that the layer was seeded, so a
-      reloaded model keeps warm-starting.
-    - **Synchronized** (`synchronized=True`): the batch mean and variance are all-reduced in
-      the exact two-pass form and every M-step all-reduces the components' sufficient
-      statistics, so each EM iteration, the output and the gradients equal one device on the
-      global batch. The first step's C x C correlation is all-reduced too (a zero matrix on
-      later steps: collectives cannot sit inside the `tf.cond`).
-    - **Cost.** Forward + backward on a `(128, 32, 32, 64)` float32 batch, K = 3 and the
-      defaults, takes 2.2-2.4x the time of keras_norm's `BatchNormalization` (CPU, with or
-      without XLA); `"per_channel"` 7-8x with XLA, 12-13x without. The first training step
-      also computes a C x C correlation and its eigenvectors.
+    The paper's full text was not available: the choices made where the abstract and the
+    Fisher-vector form leave it open, each with its reason, are in docs/algorithms.md section 7.
+    In short: EM runs in log space on samples shifted by the batch's exact mean; the first batch
+    is seeded by a quantile split along its principal direction and copied into the moving
+    mixture, later batches warm-start from the moving mixture (`warm_start`); a component whose
+    weight falls below `min_weight` keeps its previous mean and variance; posteriors are
+    constants for the gradient unless `posterior_gradient=True`; `synchronized=True` makes every
+    EM step, the output and the gradients equal one device on the global batch.
 
     Weights: `gamma`, `beta` `(C,)`; the moving mixture `moving_weights` (`(K,)`, or `(K, C)`
-    per channel), `moving_mean` and `moving_variance` `(K, C)` (float32), initialised to equal
-    weights, unit variances and means `q_k / sqrt(C)` on every channel (`q_k` per channel):
-    the seed of standardized data whose principal direction is the diagonal, so inference
-    before any training is a proper mixture normalization; `num_updates` (int64, the number
-    of training updates, saved with the model).
+    per channel), `moving_mean` and `moving_variance` `(K, C)` (float32), initialised to the
+    seed of standardized data (section 7.8), so inference before any training is a proper
+    mixture normalization; `num_updates` (int64, the number of training updates, saved with the
+    model).
 
     Example:
 
-    >>> import numpy as np, keras
+    >>> import numpy as np
     >>> from keras_norm.layers.mixture_norm import MixtureNormalization
-    >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 3)),
-    ...     keras.layers.Conv2D(4, 3),
-    ...     MixtureNormalization(num_components=3),
-    ...     keras.layers.ReLU(),
-    ... ])
-    >>> model(np.zeros((2, 8, 8, 3), "float32"), training=True).shape
-    TensorShape([2, 6, 6, 4])
+    >>> layer = MixtureNormalization(num_components=3)
+    >>> x = np.random.default_rng(0).normal(size=(8, 6, 6, 4)).astype("float32")
+    >>> layer(x, training=True).shape
+    TensorShape([8, 6, 6, 4])
+    >>> tuple(layer.moving_mean.shape)  # (K, C): a mean per component and channel
+    (3, 4)
+    >>> int(layer.num_updates.numpy())  # seeded from this first batch
+    1
 
     Args:
         num_components: Integer `K >= 1`, the number of mixture components. Defaults to `3`.
@@ -204,30 +149,24 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         momentum: Momentum of the moving mixture, in `[0, 1]`; read at every call (it may be a
             `tf.Variable`). Defaults to `0.99`.
         epsilon: Positive float added to every component variance. Defaults to `1e-3`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        {affine_args}
         fisher_scaling: If `True`, divide each component's term by `sqrt(lambda_k)` (the
             Fisher-vector form); if `False`, `x_hat = sum_k tau_k (x - mu_k) /
             sqrt(var_k + eps)`. Defaults to `True`.
         posterior_gradient: If `True`, differentiate through the posteriors of every unrolled
             EM step; if `False`, posteriors are constants and gradients flow through the final
             means and variances only. Defaults to `False`.
-        warm_start: `"aligned"` or `"moving"`: how EM starts after the first batch (see
-            above). Defaults to `"aligned"`.
+        warm_start: `"aligned"` (the moving mixture re-centred and re-scaled per channel to
+            the batch's mean and variance) or `"moving"` (as it is): how EM starts after the
+            first batch. Defaults to `"aligned"`.
         min_weight: Float in `(0, 1 / num_components)`: floor on the mixture weights, and the
             weight below which a component counts as empty. Defaults to `1e-3`.
         synchronized: If `True`, fit the mixture to the global batch of all replicas under a
-            `tf.distribute` strategy (exactly, see above). Defaults to `False`.
+            `tf.distribute` strategy (exactly). Defaults to `False`.
         inference_statistics: `"moving"` (the moving mixture) or `"batch"` (fit the mixture to
             the inference batch, leaving the moving mixture untouched). Defaults to
             `"moving"`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of any rank >= 2.
@@ -251,6 +190,8 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
     #: The statistics `keras_norm.recompute_statistics` averages; `num_updates` is training
     #: state, which it restores after its pass.
     population_statistics = ("moving_weights", "moving_mean", "moving_variance")
+    #: As batch normalization, any axis may hold the channels.
+    per_example = False
 
     @property
     def variance_statistics(self):
@@ -262,43 +203,18 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         """
         return ("moving_variance",) if self.num_components == 1 else ()
 
-    def __init__(
-        self,
-        num_components=3,
-        axis=-1,
-        mixture_axes="channels",
-        em_iterations=2,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        fisher_scaling=True,
-        posterior_gradient=False,
-        warm_start="aligned",
-        min_weight=1e-3,
-        synchronized=False,
-        inference_statistics="moving",
-        **kwargs,
-    ):
-        super().__init__(
-            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint, **kwargs,
-        )
+    def __init__(self, num_components=3, axis=-1, mixture_axes="channels", em_iterations=2,
+                 momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
+                 beta_constraint=None, gamma_constraint=None, fisher_scaling=True,
+                 posterior_gradient=False, warm_start="aligned", min_weight=1e-3,
+                 synchronized=False, inference_statistics="moving", **kwargs):
+        super().__init__(**base.base_arguments(locals()), **kwargs)
         owner = self.__class__.__name__
         self.num_components = base.check_int(owner, "num_components", num_components, 1)
-        self.axis = base.check_channel_axis(owner, axis)
         self.mixture_axes = base.check_choice(owner, "mixture_axes", mixture_axes,
                                               MIXTURE_AXES)
         self.em_iterations = base.check_int(owner, "em_iterations", em_iterations, 1)
-        self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
         self.fisher_scaling = base.check_bool(owner, "fisher_scaling", fisher_scaling)
         self.posterior_gradient = base.check_bool(owner, "posterior_gradient",
                                                   posterior_gradient)
@@ -311,8 +227,6 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
                 f"{1.0 / self.num_components:g}, or every component could count as empty. "
                 f"Received: min_weight={min_weight!r}, num_components={num_components!r}"
             )
-        self.synchronized = base.check_bool(owner, "synchronized", synchronized)
-        self._init_inference_statistics(inference_statistics)
         self._offsets = seed_offsets(self.num_components)
         self.moving_weights = None
         self.moving_mean = None
@@ -320,13 +234,9 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         self.num_updates = None
 
     # ------------------------------------------------------------------------------- build
-    def build(self, input_shape):
-        self._axis, channels = base.channel_axis(self._owner, self.axis, input_shape)
-        ndim = len(input_shape)
-        k = self.num_components
-        self._channels = channels
+    def _build_extra(self):
+        channels, k = self._channels, self.num_components
         self._per_channel = self.mixture_axes == "per_channel"
-        self._build_affine((channels,))
         weight_shape = (k, channels) if self._per_channel else (k,)
         # The initial moving mixture is the seed a standardized input would get (see the class
         # docstring), so inference before any training is a proper mixture normalization.
@@ -351,9 +261,7 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
             shape=(), name="num_updates", initializer="zeros", dtype="int64",
             trainable=False, autocast=False, aggregation="only_first_replica",
         )
-        self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self._axis: channels})
-        self._reduction_axes = [a for a in range(ndim) if a != self._axis]
-        self._param_shape = base.broadcast_shape(ndim, [self._axis], input_shape)
+        ndim = len(self._param_shape)
         self._to_last = None
         if self._axis != ndim - 1:
             self._to_last = [a for a in range(ndim) if a != self._axis] + [self._axis]
@@ -363,11 +271,12 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
     # -------------------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
         x = base.to_statistics_dtype(inputs)
-        mask = base.expand_mask(self._owner, mask, x)
+        use_batch = self._uses_batch_statistics(training)
+        one_posterior = use_batch and self.num_components > 1 and not self._per_channel
+        mask = self._expand_mask(mask, x, _ONE_POSTERIOR if one_posterior else None)
         if self.num_components == 1:
             return tf.cast(self._call_single(x, mask, training), self.compute_dtype)
         # Inference with the moving mixture does not read the mask (as BatchNormalization).
-        use_batch = self._uses_batch_statistics(training)
         valid = self._sample_mask(mask, x) if use_batch else None
         if self._to_last is not None:
             x = tf.transpose(x, self._to_last)
@@ -395,10 +304,10 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         if not self._uses_batch_statistics(training):
             mean = tf.reshape(tf.cast(self.moving_mean, x.dtype), self._param_shape)
             variance = tf.reshape(tf.cast(self.moving_variance, x.dtype), self._param_shape)
-            return stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
-        moments = stats.batch_moments(x, self._reduction_axes, mask, self.synchronized)
+            return _math.normalize(x, mean, variance, self.epsilon, gamma, beta)
+        moments = _math.batch_moments(x, self._reduction_axes, mask, self.synchronized)
         mean, variance = moments.mean, moments.variance
-        outputs = stats.normalize(x, mean, variance, self.epsilon, gamma, beta)
+        outputs = _math.normalize(x, mean, variance, self.epsilon, gamma, beta)
         if self._is_training(training):
             count = tf.reduce_max(moments.count)
             weights = tf.ones(self.moving_weights.shape, x.dtype)
@@ -412,17 +321,7 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         layout with channels not last); `None` without a mask."""
         if mask is None:
             return None
-        per_value = base.mask_varies_along(mask, self._axis)
-        if per_value and not self._per_channel:
-            raise ValueError(
-                f"{self._owner}: with mixture_axes='channels' each position's channel vector is "
-                "one sample with one posterior, so the mask must not vary along the channel "
-                f"axis {self.axis}. Keras's mask layout covers the input's leading axes (all "
-                "but the last), so with the channels not last it flags channels. Use "
-                "mixture_axes='per_channel', num_components=1, channels-last inputs, or a mask "
-                f"of size 1 on the channel axis. Received: mask.shape={tuple(mask.shape[:-1])}, "
-                f"inputs.shape={tuple(x.shape)}, axis={self.axis}"
-            )
+        per_value = base.mask_varies_along(mask, self._axis)  # only per channel (see call)
         # Full size on every axis but the channels', then the samples' layout.
         shape = tf.unstack(tf.shape(x))
         shape[self._axis] = self._channels if per_value else 1
@@ -435,7 +334,7 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
     def _centred_moments(self, samples, valid):
         """Exact two-pass batch mean and variance that also return `x - mean` and its square.
 
-        The same two passes as `stats.batch_moments` (global mean first, then the centred sum
+        The same two passes as `_math.batch_moments` (global mean first, then the centred sum
         of squares; all-reduced when synchronized), arranged so that the centred samples and
         their squares, which every E- and M-step reads, are computed once and shared.
         """
@@ -448,13 +347,13 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
                      else tf.reduce_sum(valid, axis=0, keepdims=True))
             total = tf.reduce_sum(samples * valid, axis=0, keepdims=True)
         if self.synchronized:
-            count, total = stats.all_reduce_sum((count, total))
+            count, total = _math.all_reduce_sum((count, total))
         shift = tf.stop_gradient(tf.math.divide_no_nan(total, count))
         xs = _Centred(samples - shift)
         squares = xs.square if valid is None else xs.square * valid
         sum_squares = tf.reduce_sum(squares, axis=0, keepdims=True)
         if self.synchronized:
-            sum_squares = stats.all_reduce_sum(sum_squares)
+            sum_squares = _math.all_reduce_sum(sum_squares)
         variance = tf.stop_gradient(tf.math.divide_no_nan(sum_squares, count))
         return shift, xs, variance, count
 
@@ -502,7 +401,7 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
             else:
                 s1, s2 = _weighted_sums(tau, xs.value, xs.square)
         if self.synchronized:
-            s0, s1, s2 = stats.all_reduce_sum((s0, s1, s2))
+            s0, s1, s2 = _math.all_reduce_sum((s0, s1, s2))
         weights = tf.math.divide_no_nan(s0, count)
         empty = weights < self.min_weight
         # Safe denominators: a NaN in the branch tf.where discards would still poison gradients.
@@ -549,7 +448,7 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         zeros = tf.zeros([channels, channels], dtype)
         correlation = tf.cond(first, local_correlation, lambda: zeros)
         if self.synchronized:
-            correlation = stats.all_reduce_sum(correlation)
+            correlation = _math.all_reduce_sum(correlation)
         axis = tf.cond(first, principal_axis, lambda: tf.zeros([channels], dtype))
         return Mixture(weights, offsets * axis * spread, seed_variance)
 
@@ -631,10 +530,10 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
         if first is not None:  # the statistics are float32 whatever the input dtype
             momentum = tf.where(first, tf.constant(0.0, tf.float32),
                                 tf.cast(momentum, tf.float32))
-        stats.assign_moving_average(self.moving_weights, mixture.weights, momentum, has_values)
-        stats.assign_moving_average(self.moving_mean, mixture.mean + shift, momentum,
+        _math.assign_moving_average(self.moving_weights, mixture.weights, momentum, has_values)
+        _math.assign_moving_average(self.moving_mean, mixture.mean + shift, momentum,
                                     has_values)
-        stats.assign_moving_average(self.moving_variance, mixture.variance, momentum,
+        _math.assign_moving_average(self.moving_variance, mixture.variance, momentum,
                                     has_values)
         self.num_updates.assign_add(tf.cast(has_values, "int64"))
 
@@ -642,15 +541,11 @@ class MixtureNormalization(base.BatchDependentMixin, base.AffineNormalization):
     def get_config(self):
         config = {
             "num_components": self.num_components,
-            "axis": self.axis,
             "mixture_axes": self.mixture_axes,
             "em_iterations": self.em_iterations,
-            "momentum": self.momentum,
             "fisher_scaling": self.fisher_scaling,
             "posterior_gradient": self.posterior_gradient,
             "warm_start": self.warm_start,
             "min_weight": self.min_weight,
-            "synchronized": self.synchronized,
-            "inference_statistics": self.inference_statistics,
         }
         return {**super().get_config(), **config}

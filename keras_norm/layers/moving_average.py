@@ -12,12 +12,13 @@ current `psi` into a buffer that the next iterations' backward passes average ov
 import keras
 import tensorflow as tf
 
-from keras_norm import stats
-from keras_norm.layers import base
+from keras_norm import _math
+from keras_norm.layers import base, docstrings
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
-class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNormalization):
+@docstrings.document
+class MovingAverageBatchNormalization(base.BatchDependentMixin, base.ChannelwiseNormalization):
     """Batch normalization with moving-average forward and backward statistics (MABN).
 
     Normalizes by the root of a simple moving average (SMA) of the per-channel second moment
@@ -108,20 +109,13 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
         epsilon: Positive float added to the second moment. Defaults to `1e-5`.
         r_max: Float `>= 1`, the bound of the renormalization factor `r` after warm-up.
             Defaults to `5.0`.
-        center: If `True`, add the learned offset `beta`. Defaults to `True`.
-        scale: If `True`, multiply by the learned `gamma`. Defaults to `True`.
-        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
-        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
-        beta_regularizer: Optional regularizer for `beta`. Defaults to `None`.
-        gamma_regularizer: Optional regularizer for `gamma`. Defaults to `None`.
-        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
-        gamma_constraint: Optional constraint for `gamma`. Defaults to `None`.
+        {affine_args}
         synchronized: If `True`, compute `chi_B` and `psi_B` over the global batch of all
             replicas under a `tf.distribute` strategy. Defaults to `False`.
         inference_statistics: `"moving"` (use `moving_second_moment`) or `"batch"` (use the
             current batch's own `chi_B`, leaving every statistic untouched) at inference.
             Defaults to `"moving"`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor of any rank >= 2.
@@ -137,41 +131,19 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
     #: The population statistic `recompute_statistics` sets; the buffers and step counters
     #: are training state that it restores afterwards.
     population_statistics = ("moving_second_moment",)
+    #: As batch normalization, any axis may hold the channels.
+    per_example = False
 
-    def __init__(
-        self,
-        axis=-1,
-        buffer_size=16,
-        warmup_steps=1000,
-        momentum=0.98,
-        epsilon=1e-5,
-        r_max=5.0,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        synchronized=False,
-        inference_statistics="moving",
-        **kwargs,
-    ):
-        super().__init__(
-            epsilon=epsilon, center=center, scale=scale, beta_initializer=beta_initializer,
-            gamma_initializer=gamma_initializer, beta_regularizer=beta_regularizer,
-            gamma_regularizer=gamma_regularizer, beta_constraint=beta_constraint,
-            gamma_constraint=gamma_constraint, **kwargs,
-        )
+    def __init__(self, axis=-1, buffer_size=16, warmup_steps=1000, momentum=0.98, epsilon=1e-5,
+                 r_max=5.0, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
+                 beta_constraint=None, gamma_constraint=None, synchronized=False,
+                 inference_statistics="moving", **kwargs):
+        super().__init__(**base.base_arguments(locals()), **kwargs)
         owner = self.__class__.__name__
-        self.axis = base.check_channel_axis(owner, axis)
         self.buffer_size = base.check_int(owner, "buffer_size", buffer_size, minimum=1)
         self.warmup_steps = base.check_int(owner, "warmup_steps", warmup_steps, minimum=0)
-        self.momentum = base.check_float(owner, "momentum", momentum, 0.0, 1.0)
         self.r_max = base.check_float(owner, "r_max", r_max, low=1.0)
-        self.synchronized = base.check_bool(owner, "synchronized", synchronized)
-        self._init_inference_statistics(inference_statistics)
         self.moving_second_moment = None
         self.second_moment_buffer = None
         self.backward_buffer = None
@@ -179,10 +151,8 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
         self.backward_step_counter = None
 
     # ------------------------------------------------------------------------------- build
-    def build(self, input_shape):
-        self._axis, channels = base.channel_axis(self._owner, self.axis, input_shape)
-        ndim = len(input_shape)
-        self._build_affine((channels,))
+    def _build_extra(self):
+        channels = self._channels
         self.moving_second_moment = base.add_statistic(
             self, "moving_second_moment", (channels,), "ones")
         buffer_shape = (self.buffer_size, channels)
@@ -195,9 +165,6 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
         self.step_counter = base.add_statistic(self, "step_counter", (), "zeros")
         self.backward_step_counter = base.add_statistic(
             self, "backward_step_counter", (), "zeros")
-        self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self._axis: channels})
-        self._reduction_axes = [a for a in range(ndim) if a != self._axis]
-        self._param_shape = base.broadcast_shape(ndim, [self._axis], input_shape)
 
     # -------------------------------------------------------------------------------- call
     def call(self, inputs, training=None):
@@ -211,16 +178,16 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
             else:
                 second_moment = tf.reshape(tf.cast(self.moving_second_moment, x.dtype),
                                            self._param_shape)
-            outputs = stats.normalize(x, 0.0, second_moment, self.epsilon, gamma, beta)
+            outputs = _math.normalize(x, 0.0, second_moment, self.epsilon, gamma, beta)
         return tf.cast(outputs, self.compute_dtype)
 
     def _second_moment(self, x):
         """`(E[x^2], count)` per channel, over the global batch when synchronized."""
         axes = self._reduction_axes
         square_sum = tf.reduce_sum(tf.square(x), axes, keepdims=True)
-        count = stats.count_over(x, axes)
+        count = _math.count_over(x, axes)
         if self.synchronized:
-            square_sum, count = stats.all_reduce_sum((square_sum, count))
+            square_sum, count = _math.all_reduce_sum((square_sum, count))
         # divide_no_nan: an empty batch (or replica) gives 0, not NaN.
         return tf.math.divide_no_nan(square_sum, count), count
 
@@ -264,7 +231,7 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
         new_buffer, new_count = self._pushed(buffer, second_moment, stored, has_values)
         self.second_moment_buffer.assign(new_buffer)
         self.step_counter.assign(new_count)
-        stats.assign_moving_average(self.moving_second_moment, average, self.momentum,
+        _math.assign_moving_average(self.moving_second_moment, average, self.momentum,
                                     has_values)
         return outputs
 
@@ -301,7 +268,7 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
                 # psi_B = E[g_z * z] with g_z = dy * gamma * r and z = x * inv.
                 psi_sum = factor * inv * dy_x
                 if self.synchronized:
-                    psi_sum = stats.all_reduce_sum(psi_sum)
+                    psi_sum = _math.all_reduce_sum(psi_sum)
                 psi = tf.math.divide_no_nan(psi_sum, count)
                 psi_average = self._simple_moving_average(psi, buffer, stored)
                 updates = self._write_backward_state(*self._pushed(buffer, psi, stored,
@@ -341,12 +308,8 @@ class MovingAverageBatchNormalization(base.BatchDependentMixin, base.AffineNorma
     # ----------------------------------------------------------------------------- config
     def get_config(self):
         config = {
-            "axis": self.axis,
             "buffer_size": self.buffer_size,
             "warmup_steps": self.warmup_steps,
-            "momentum": self.momentum,
             "r_max": self.r_max,
-            "synchronized": self.synchronized,
-            "inference_statistics": self.inference_statistics,
         }
         return {**super().get_config(), **config}

@@ -2,15 +2,14 @@
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
-from keras_norm import stats
-from keras_norm.layers import base
-from keras_norm.layers.group_norm import FeatureAxesMixin
+from keras_norm import _math
+from keras_norm.layers import base, docstrings
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
-class RMSNormalization(FeatureAxesMixin, keras.layers.Layer):
+@docstrings.document
+class RMSNormalization(base.FeatureAxesMixin, base.NormalizationLayer):
     """Root mean square normalization: each example scaled by the RMS of its features.
 
     Layer normalization without the mean: cheaper, and as good in the paper's experiments. A
@@ -42,47 +41,31 @@ class RMSNormalization(FeatureAxesMixin, keras.layers.Layer):
         scale_initializer: Initializer for `scale`. Defaults to `"ones"`.
         scale_regularizer: Optional regularizer for `scale`. Defaults to `None`.
         scale_constraint: Optional constraint for `scale`. Defaults to `None`.
-        **kwargs: Base layer keyword arguments (e.g. `name`, `dtype`).
+        {kwargs_arg}
 
     Call arguments:
         inputs: Input tensor.
-        mask: Optional boolean mask in Keras's layout: the input's shape without its last
-            axis, or a shorter prefix of the input's shape (`(batch, time)`), broadcast over
-            the remaining axes (see `keras_norm.layers.group_norm`). It is passed on; it
-            changes the statistic only where it varies along a normalized axis.
+        {per_example_mask_arg}
+            It is passed on; it changes the statistic only where it varies along a
+            normalized axis.
 
     Reference:
         - [Zhang & Sennrich, 2019](https://arxiv.org/abs/1910.07467)
     """
 
-    def __init__(
-        self,
-        axis=-1,
-        epsilon=1e-6,
-        scale_initializer="ones",
-        scale_regularizer=None,
-        scale_constraint=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
+    def __init__(self, axis=-1, epsilon=1e-6, scale_initializer="ones", scale_regularizer=None,
+                 scale_constraint=None, **kwargs):
+        super().__init__(epsilon, **kwargs)
         self._init_feature_axes(axis)
-        self.epsilon = base.check_float(self.__class__.__name__, "epsilon", epsilon, low=0.0,
-                                        low_open=True)
-        self.scale_initializer = initializers.get(scale_initializer)
-        self.scale_regularizer = regularizers.get(scale_regularizer)
-        self.scale_constraint = constraints.get(scale_constraint)
-        self.supports_masking = True
+        self._init_weight_arguments("scale", scale_initializer, scale_regularizer,
+                                    scale_constraint)
         # Keep float32 inputs float32 under mixed precision.
         self.autocast = False
         self.scale = None
 
     def build(self, input_shape):
         shape = self._build_feature_axes(input_shape)
-        self.scale = self.add_weight(
-            shape=shape, name="scale", initializer=self.scale_initializer,
-            regularizer=self.scale_regularizer, constraint=self.scale_constraint,
-            trainable=True, autocast=False,
-        )
+        self.scale = self._add_learned("scale", shape)
 
     def call(self, inputs, mask=None):
         x = base.to_statistics_dtype(inputs)
@@ -90,19 +73,12 @@ class RMSNormalization(FeatureAxesMixin, keras.layers.Layer):
         scale = tf.reshape(tf.cast(self.scale, x.dtype), shape)
         statistics_mask = self._statistics_mask(mask, x, axes)
         if statistics_mask is None:
-            # x / sqrt(mean(x^2) + eps) with a closed-form gradient (see stats.standardize).
-            outputs, _ = stats.standardize(x, axes, self.epsilon, scale, center=False)
+            # x / sqrt(mean(x^2) + eps) with a closed-form gradient (see _math.standardize).
+            outputs, _ = _math.standardize(x, axes, self.epsilon, scale, center=False)
         else:
-            mean_square = stats.mean_square(x, axes, statistics_mask)
+            mean_square = _math.mean_square(x, axes, statistics_mask)
             outputs = x * (tf.math.rsqrt(mean_square + self.epsilon) * scale)
         return tf.cast(outputs, self.compute_dtype)
 
     def get_config(self):
-        config = {
-            "axis": self.axis,
-            "epsilon": self.epsilon,
-            "scale_initializer": initializers.serialize(self.scale_initializer),
-            "scale_regularizer": regularizers.serialize(self.scale_regularizer),
-            "scale_constraint": constraints.serialize(self.scale_constraint),
-        }
-        return {**super().get_config(), **config}
+        return {**super().get_config(), **self._weight_arguments_config("scale")}

@@ -11,8 +11,8 @@ runs in float32 on every call and the gradient flows through it to the raw kerne
 import keras
 import tensorflow as tf
 
-from keras_norm import stats
-from keras_norm.layers import base
+from keras_norm import _math
+from keras_norm.layers import base, docstrings
 
 
 class KernelTransformMixin:
@@ -34,7 +34,7 @@ class KernelTransformMixin:
 
     def _fan_in_moments(self, kernel):
         """Two-pass float32 moments of each output channel's kernel over its fan-in."""
-        return stats.moments(kernel, list(range(len(kernel.shape) - 1)))
+        return _math.moments(kernel, list(range(len(kernel.shape) - 1)))
 
     def convolution_op(self, inputs, kernel):
         kernel = self.transform_kernel(tf.cast(tf.convert_to_tensor(kernel), tf.float32))
@@ -55,6 +55,7 @@ class KernelTransformMixin:
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
+@docstrings.document
 class WeightStandardizedConv2D(KernelTransformMixin, keras.layers.Conv2D):
     """2D convolution with a weight-standardized kernel.
 
@@ -84,11 +85,7 @@ class WeightStandardizedConv2D(KernelTransformMixin, keras.layers.Conv2D):
     TensorShape([2, 16, 16, 8])
 
     Args:
-        filters, kernel_size, strides, padding, data_format, dilation_rate, groups, activation,
-            use_bias, kernel_initializer, bias_initializer, kernel_regularizer,
-            bias_regularizer, activity_regularizer, kernel_constraint, bias_constraint: As for
-            `keras.layers.Conv2D` (positional order included). Regularizers and constraints act
-            on the raw kernel.
+        {conv2d_args}
         epsilon: Positive float added to each output channel's kernel variance (keyword only).
             Defaults to `1e-5`.
         **kwargs: Other `keras.layers.Conv2D` / base layer keyword arguments.
@@ -109,13 +106,14 @@ class WeightStandardizedConv2D(KernelTransformMixin, keras.layers.Conv2D):
 
     def transform_kernel(self, kernel):
         moments = self._fan_in_moments(kernel)
-        return stats.normalize(kernel, moments.mean, moments.variance, self.epsilon)
+        return _math.normalize(kernel, moments.mean, moments.variance, self.epsilon)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
 @keras.saving.register_keras_serializable(package="keras_norm")
+@docstrings.document
 class CenteredConv2D(KernelTransformMixin, keras.layers.Conv2D):
     """2D convolution whose kernel has zero mean over each output channel's fan-in.
 
@@ -131,17 +129,16 @@ class CenteredConv2D(KernelTransformMixin, keras.layers.Conv2D):
 
     Example:
 
-    >>> import numpy as np, keras
+    >>> import numpy as np, tensorflow as tf
     >>> from keras_norm.layers.weight_standardization import CenteredConv2D
-    >>> conv = CenteredConv2D(8, 3, padding="same", use_bias=False)
-    >>> conv(np.zeros((2, 16, 16, 3), "float32")).shape
-    TensorShape([2, 16, 16, 8])
+    >>> conv = CenteredConv2D(8, 3, use_bias=False)
+    >>> conv.build((None, 16, 16, 3))
+    >>> kernel = conv.transform_kernel(tf.convert_to_tensor(conv.kernel))
+    >>> bool(np.allclose(tf.reduce_mean(kernel, axis=[0, 1, 2]), 0.0, atol=1e-6))
+    True
 
     Args:
-        filters, kernel_size, strides, padding, data_format, dilation_rate, groups, activation,
-            use_bias, kernel_initializer, bias_initializer, kernel_regularizer,
-            bias_regularizer, activity_regularizer, kernel_constraint, bias_constraint: As for
-            `keras.layers.Conv2D`. Regularizers and constraints act on the raw kernel.
+        {conv2d_args}
         **kwargs: Other `keras.layers.Conv2D` / base layer keyword arguments.
 
     Call arguments:

@@ -142,6 +142,13 @@ class GroupNormReference(_PerExample):
         groups = channels if self.groups == -1 else self.groups
         return xl, channels, groups, channels // groups
 
+    @staticmethod
+    def _blocks(batch, groups, size):
+        """`(example, channel slice)` of every set of values sharing statistics."""
+        for b in range(batch):
+            for g in range(groups):
+                yield b, slice(g * size, (g + 1) * size)
+
     def apply(self, x, mask=None):
         xl, channels, groups, size = self._layout(x)
         valid = None
@@ -151,14 +158,12 @@ class GroupNormReference(_PerExample):
         gamma = self.w.get("gamma", np.ones(channels))
         beta = self.w.get("beta", np.zeros(channels))
         y = np.empty_like(xl)
-        for b in range(xl.shape[0]):
-            for g in range(groups):
-                channel_slice = slice(g * size, (g + 1) * size)
-                block = xl[b, ..., channel_slice]
-                block_valid = None if valid is None else valid[b, ..., channel_slice].ravel()
-                mean, var = set_statistics(block.ravel(), block_valid)
-                xhat = (block - mean) / np.sqrt(var + self.eps)
-                y[b, ..., channel_slice] = xhat * gamma[channel_slice] + beta[channel_slice]
+        for b, group in self._blocks(xl.shape[0], groups, size):
+            block = xl[b, ..., group]
+            block_valid = None if valid is None else valid[b, ..., group].ravel()
+            mean, var = set_statistics(block.ravel(), block_valid)
+            xhat = (block - mean) / np.sqrt(var + self.eps)
+            y[b, ..., group] = xhat * gamma[group] + beta[group]
         return np.moveaxis(y, -1, self.axis).astype(np.float32)
 
     def input_gradient(self, x, dy):
@@ -166,13 +171,10 @@ class GroupNormReference(_PerExample):
         dyl = np.moveaxis(np.asarray(dy, np.float64), self.axis, -1)
         gamma = self.w.get("gamma", np.ones(channels))
         dx = np.empty_like(xl)
-        for b in range(xl.shape[0]):
-            for g in range(groups):
-                channel_slice = slice(g * size, (g + 1) * size)
-                block = xl[b, ..., channel_slice]
-                grad = dyl[b, ..., channel_slice] * gamma[channel_slice]
-                inv = 1.0 / np.sqrt(block.var() + self.eps)
-                xhat = (block - block.mean()) * inv
-                dx[b, ..., channel_slice] = inv * (grad - grad.mean()
-                                                   - xhat * np.mean(grad * xhat))
+        for b, group in self._blocks(xl.shape[0], groups, size):
+            block = xl[b, ..., group]
+            grad = dyl[b, ..., group] * gamma[group]
+            inv = 1.0 / np.sqrt(block.var() + self.eps)
+            xhat = (block - block.mean()) * inv
+            dx[b, ..., group] = inv * (grad - grad.mean() - xhat * np.mean(grad * xhat))
         return np.moveaxis(dx, -1, self.axis).astype(np.float32)

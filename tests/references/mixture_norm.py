@@ -1,4 +1,4 @@
-"""NumPy reference of mixture normalization (Kalayeh & Shah 2018; ALGORITHMS.md section 7).
+"""NumPy reference of mixture normalization (Kalayeh & Shah 2018; docs/algorithms.md section 7).
 
 Written from the equations, in float64, with explicit loops over components: Gaussian log
 densities summed over channels, log-sum-exp posteriors, two-pass weighted M-steps. It shares

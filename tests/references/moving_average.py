@@ -1,6 +1,6 @@
 """NumPy reference of Moving Average Batch Normalization (Yan et al., ICLR 2020).
 
-Written from the paper's equations (ALGORITHMS.md section 5), independently of the layer: the
+Written from the paper's equations (docs/algorithms.md section 5), independently of the layer: the
 moving averages are kept as Python lists of every past statistic (not as shifted buffers), and
 the buffers the layer stores are rebuilt from those lists only to compare states.
 """

@@ -9,6 +9,8 @@
 import json
 from pathlib import Path
 
+from recipes.report.figures import label, pyplot, save
+
 MODE_LABELS = {
     "population": "population statistics (moving averages)",
     "batch": "random test batches, own statistics",
@@ -20,7 +22,15 @@ MODE_LABELS = {
 
 
 def write(results, output):
-    """Writes results.json, report.md and the plots into `output`; returns their paths."""
+    """Writes `results.json`, `report.md` and the plots of one run into `output`.
+
+    Args:
+        results: the run's results dict (`recipes.training`'s).
+        output: the run's folder (created if need be).
+
+    Returns:
+        A dict of the paths written: `results`, `report`, `curves`, `evaluation`.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"results": output / "results.json", "report": output / "report.md",
@@ -33,60 +43,60 @@ def write(results, output):
     return paths
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(history, path):
-    """Accuracy and loss per epoch, train and test, side by side."""
-    plt = _pyplot()
+    """Accuracy and loss per epoch, train and test, side by side.
+
+    Args:
+        history: the run's per-epoch rows (``epoch``, ``accuracy``, ``loss``,
+            ``test_accuracy``, ``test_loss``).
+        path: the PNG to write.
+    """
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in history]
     for axis, metric in zip(axes, ("accuracy", "loss")):
         axis.plot(epochs, [row[metric] for row in history], "o-", label="train")
         axis.plot(epochs, [row[f"test_{metric}"] for row in history], "s-", label="test")
-        axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_ylabel(metric)
-        axis.set_title(f"{metric} per epoch")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        label(axis, "epoch", f"{metric} per epoch", ylabel=metric)
+    save(figure, path)
 
 
 def plot_evaluation(evaluation, path):
-    """Test accuracy of each evaluation mode as bars."""
-    plt = _pyplot()
+    """Test accuracy of each evaluation mode as bars.
+
+    Args:
+        evaluation: ``{mode: {"accuracy": ...}}`` from the run's results.
+        path: the PNG to write.
+    """
     modes = list(evaluation)
     accuracies = [100 * evaluation[mode]["accuracy"] for mode in modes]
-    figure, axis = plt.subplots(figsize=(max(4, 1.6 * len(modes) + 1), 4))
+    figure, axis = pyplot().subplots(figsize=(max(4, 1.6 * len(modes) + 1), 4))
     bars = axis.bar(modes, accuracies, color="tab:blue")
     for bar, value in zip(bars, accuracies):
         axis.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value),
                       ha="center", va="bottom")
-    axis.set_ylabel("test accuracy (%)")
     axis.set_ylim(0, 105)
-    axis.set_title("evaluation modes")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    label(axis, "", "evaluation modes", grid="y", legend=False)
+    save(figure, path)
 
 
 def _percent(value):
+    """A fraction as a percentage with two decimals, without the % sign."""
     return f"{100 * value:.2f}"
 
 
 def markdown(results, paths):
-    """The human-readable report."""
+    """The run's `report.md`: settings, a row per evaluation mode, the training history.
+
+    Args:
+        results: the run's results dict.
+        paths: `write`'s paths (the plots are linked by their names).
+
+    Returns:
+        The Markdown text.
+    """
     config, data, model = results["config"], results["data"], results["model"]
     training = results["training"]
     norm = config["norm"] + (f" {json.dumps(config['norm_kwargs'])}" if config["norm_kwargs"]
@@ -166,7 +176,15 @@ def markdown(results, paths):
 
 
 def summary(results, paths=None):
-    """A few lines for the terminal."""
+    """A few lines for the terminal: the run, its test accuracy per mode, where the report is.
+
+    Args:
+        results: the run's results dict.
+        paths: `write`'s paths, to name the report; None leaves that line out.
+
+    Returns:
+        The text.
+    """
     config = results["config"]
     head = f", head norm {config['head_norm']}" if config.get("head_norm") else ""
     lines = [f"{config['model']} + {config['norm']} ({config['placement']}{head}) on "

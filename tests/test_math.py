@@ -7,26 +7,31 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_norm import stats
+from keras_norm import _math
 
 
 def test_merge_moments_equals_two_pass_moments_of_the_union():
     # A large common offset: E[x^2] - E[x]^2 would lose most digits in float32 here.
     x = np.random.default_rng(0).normal(1000.0, 0.5, (6, 5, 4, 3)).astype("float32")
     xt = tf.constant(x)
+    weights = np.array([1.0, 2.0, 3.0])
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(xt)
-        merged = stats.merge_moments(stats.moments(xt, [1, 2]), [0])
-        direct = stats.moments(xt, [0, 1, 2])
-        merged_loss = tf.reduce_sum(merged.variance * [1.0, 2.0, 3.0])
-        direct_loss = tf.reduce_sum(direct.variance * [1.0, 2.0, 3.0])
+        merged = _math.merge_moments(_math.moments(xt, [1, 2]), [0])
+        direct = _math.moments(xt, [0, 1, 2])
+        merged_loss = tf.reduce_sum(merged.variance * weights.astype("float32"))
+        direct_loss = tf.reduce_sum(direct.variance * weights.astype("float32"))
     np.testing.assert_allclose(merged.count.numpy().ravel(), 120.0)
     np.testing.assert_allclose(merged.mean.numpy().ravel(), x.mean((0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(merged.variance.numpy().ravel(),
                                x.astype("float64").var((0, 1, 2)), rtol=1e-4)
-    # Gradients agree to float32 rounding of inputs near 1000 (spacing 6e-5).
-    np.testing.assert_allclose(tape.gradient(merged_loss, xt), tape.gradient(direct_loss, xt),
-                               rtol=1e-3, atol=1e-5)
+    # d/dx of sum_c w_c Var_c = w_c * 2 (x - mean_c) / n, in float64. Both gradients agree with
+    # it to float32 rounding of inputs near 1000 (spacing 6e-5).
+    x64 = x.astype("float64")
+    expected = weights * 2.0 * (x64 - x64.mean((0, 1, 2))) / 120.0
+    assert np.abs(expected).max() > 1e-2
+    np.testing.assert_allclose(tape.gradient(merged_loss, xt), expected, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(direct_loss, xt), expected, rtol=1e-3, atol=1e-5)
 
 
 def _numpy_standardize(x, axes, gamma, beta, epsilon, dy, center):
@@ -53,12 +58,12 @@ EXECUTIONS = ["eager", "graph", "graph_without_xla_kernels"]
 
 @contextlib.contextmanager
 def _xla_kernels(enabled):
-    """`stats.set_xla_kernels(enabled)` for the duration of the block."""
-    previous = stats.set_xla_kernels(enabled)
+    """`_math.set_xla_kernels(enabled)` for the duration of the block."""
+    previous = _math.set_xla_kernels(enabled)
     try:
         yield
     finally:
-        stats.set_xla_kernels(previous)
+        _math.set_xla_kernels(previous)
 
 
 def _run(execution, function):
@@ -69,14 +74,14 @@ def _run(execution, function):
 
 
 def _check_standardize(x, axes, gamma, beta, parameter_axes, dy, execution, center=True):
-    """`stats.standardize` values and gradients against NumPy; `parameter_axes` are the
+    """`_math.standardize` values and gradients against NumPy; `parameter_axes` are the
     axes gamma/beta share (their gradients sum over them)."""
     xt, gt, bt = (tf.constant(v) for v in (x, gamma, beta))
 
     def step():
         with tf.GradientTape() as tape:
             tape.watch([xt, gt, bt])
-            y, moments = stats.standardize(xt, axes, 1e-3, gt, bt, center=center)
+            y, moments = _math.standardize(xt, axes, 1e-3, gt, bt, center=center)
             loss = tf.reduce_sum(y * dy)
         return (y, moments.mean, moments.variance), tape.gradient(loss, [xt, gt, bt])
 
@@ -148,7 +153,7 @@ def _training_step(x):
     """A training step's shape: the forward pass under a tape, then the gradient."""
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(stats.standardize(x, [0], 1e-3)[0] * tf.range(3.0))
+        loss = tf.reduce_sum(_math.standardize(x, [0], 1e-3)[0] * tf.range(3.0))
     return tape.gradient(loss, x)
 
 
@@ -176,7 +181,7 @@ def test_inference_traces_hold_only_plain_ops():
     x = tf.random.normal((4, 3))
 
     def inference(x):
-        return stats.standardize(x, [0], 1e-3)[0]
+        return _math.standardize(x, [0], 1e-3)[0]
 
     with _xla_kernels(True):
         _compiled_functions(_training_step, x)
@@ -194,7 +199,7 @@ def test_backward_kernels_compile_inside_control_flow_gradients():
     def step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = tf.cond(tf.reduce_sum(x) > -1e9, lambda: stats.standardize(x, [0], 1e-3)[0],
+            y = tf.cond(tf.reduce_sum(x) > -1e9, lambda: _math.standardize(x, [0], 1e-3)[0],
                         lambda: x)
             loss = tf.reduce_sum(y * tf.range(3.0))
         return tape.gradient(loss, x)
@@ -231,7 +236,7 @@ def test_standardize_with_renorm_statistics_matches_numpy(execution):
     def step():
         with tf.GradientTape() as tape:
             tape.watch([xt, gt, bt])
-            y, _ = stats.standardize_with(xt, [1, 2], 1e-3, _renorm_style_statistics, gt, bt)
+            y, _ = _math.standardize_with(xt, [1, 2], 1e-3, _renorm_style_statistics, gt, bt)
             loss = tf.reduce_sum(y * dy)
         return y, tape.gradient(loss, [xt, gt, bt])
 
@@ -253,12 +258,12 @@ def test_standardize_with_renorm_statistics_matches_numpy(execution):
 
 def test_set_xla_kernels_rejects_non_bool():
     with pytest.raises(TypeError, match="set_xla_kernels.*enabled.*1"):
-        stats.set_xla_kernels(1)
+        _math.set_xla_kernels(1)
 
 
 def test_standardize_without_affine_parameters():
     x = np.random.default_rng(2).normal(-4.0, 0.1, (16, 3)).astype("float32")
-    y, _ = stats.standardize(tf.constant(x), [0], 1e-5)
+    y, _ = _math.standardize(tf.constant(x), [0], 1e-5)
     np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-4)
 
 
@@ -268,13 +273,13 @@ def _control_flow_gradients(use_kernels):
     weights = tf.range(5.0) ** 2
 
     def conditional(x):
-        return tf.cond(tf.reduce_sum(x) > -1e9, lambda: stats.standardize(x, [1], 1e-3)[0],
+        return tf.cond(tf.reduce_sum(x) > -1e9, lambda: _math.standardize(x, [1], 1e-3)[0],
                        lambda: 2.0 * x)
 
     def looped(x):
         return tf.while_loop(
             lambda i, h: i < 3,
-            lambda i, h: (i + 1, stats.standardize(h * 1.5, [0], 1e-3, center=False)[0]),
+            lambda i, h: (i + 1, _math.standardize(h * 1.5, [0], 1e-3, center=False)[0]),
             [0, x])[1]
 
     @tf.function
@@ -317,7 +322,7 @@ def test_standardize_with_derived_statistics_matches_autodiff(execution):
     def closed_form():
         with tf.GradientTape() as tape:
             tape.watch([x, gamma, beta])
-            y, moments = stats.standardize_with(x, [0, 1, 2], 1e-3, _derived_statistics,
+            y, moments = _math.standardize_with(x, [0, 1, 2], 1e-3, _derived_statistics,
                                                 gamma, beta)
             loss = tf.reduce_sum(y * dy)
         return y, moments.variance, tape.gradient(loss, [x, gamma, beta])
@@ -348,8 +353,8 @@ def test_standardize_with_identity_is_standardize():
             loss = tf.reduce_sum(y * dy)
         return y, tape.gradient(loss, x)
 
-    ours = gradient(lambda: stats.standardize_with(x, [0], 1e-3, lambda m, v: (m, v)))
-    plain = gradient(lambda: stats.standardize(x, [0], 1e-3))
+    ours = gradient(lambda: _math.standardize_with(x, [0], 1e-3, lambda m, v: (m, v)))
+    plain = gradient(lambda: _math.standardize(x, [0], 1e-3))
     for a, b in zip(ours, plain):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -357,5 +362,5 @@ def test_standardize_with_identity_is_standardize():
 def test_standardize_with_rejects_parameters_varying_along_the_axes():
     with pytest.raises(ValueError, match=r"standardize_with: `gamma` must have size 1 along "
                                          r"the reduced axes \[0, 1\]. Received: gamma.shape="):
-        stats.standardize_with(tf.ones((4, 3, 2)), [0, 1], 1e-3, lambda m, v: (m, v),
+        _math.standardize_with(tf.ones((4, 3, 2)), [0, 1], 1e-3, lambda m, v: (m, v),
                                gamma=tf.ones((1, 3, 2)))

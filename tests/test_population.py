@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_norm
-from keras_norm.statistics import batch_dependent_layers, batch_statistics, recompute_statistics
+from keras_norm.population import batch_dependent_layers, batch_statistics, recompute_statistics
 
 
 def _model(norm_cls=keras_norm.BatchNormalization, **kwargs):
@@ -49,6 +49,7 @@ def test_batch_statistics_switches_every_layer_and_restores_bit_for_bit():
     _train_a_little(model, x, y)
     before = _snapshot(model)
     population = model.predict(x, batch_size=8, verbose=0)
+    model.evaluate(x, y, batch_size=8, verbose=0)  # Keras caches its population-stats step
 
     with batch_statistics(model) as layers:
         assert len(layers) == 2
@@ -64,7 +65,11 @@ def test_batch_statistics_switches_every_layer_and_restores_bit_for_bit():
     np.testing.assert_allclose(inside[:8], expected, atol=1e-4)
     np.testing.assert_allclose(direct, expected, atol=1e-4)
     assert not np.allclose(inside, population, atol=1e-2)
-    assert set(metrics) >= {"loss", "accuracy"}
+    # `evaluate` scores the batch-statistics logits too (same batches of 8), not the cached
+    # population-statistics step.
+    log_softmax = inside - np.log(np.exp(inside).sum(axis=1, keepdims=True))
+    assert metrics["loss"] == pytest.approx(-log_softmax[np.arange(len(y)), y].mean(), rel=1e-4)
+    assert metrics["accuracy"] == pytest.approx(np.mean(inside.argmax(axis=1) == y))
 
     for a, b in zip(before, _snapshot(model)):
         np.testing.assert_array_equal(a, b)
@@ -115,6 +120,30 @@ def test_recompute_equals_numpy_average_of_batch_statistics(norm_cls, unbiased):
         np.testing.assert_array_equal(before, after.numpy())
     assert norm.momentum == 0.9 and isinstance(norm.momentum, float)
     assert "call" not in norm.__dict__
+
+
+@pytest.mark.parametrize("shape, batch_size, match", [
+    ((4, 4, 2), 10, r"m from 64 to 160 values per statistic.*drop_remainder=True"),  # 10+10+4
+    ((2,), 1, r"needs more than one value.*m=1\."),
+])
+def test_unbiased_needs_one_batch_size_and_leaves_statistics_untouched_otherwise(shape,
+                                                                                 batch_size,
+                                                                                 match):
+    """A smaller last batch would make m / (m - 1) over-correct the other batches' variances:
+    an error, raised after the pass, that restores every statistic."""
+    x = np.random.default_rng(4).normal(1, 2, (24,) + shape).astype("float32")
+    model = keras.Sequential([keras.Input(shape), keras_norm.BatchNormalization(momentum=0.9)])
+    model(x[:2])
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        recompute_statistics(model, tf.data.Dataset.from_tensor_slices(x).batch(batch_size),
+                             unbiased=True, verbose=0)
+    for old, new in zip(before, _snapshot(model)):
+        np.testing.assert_array_equal(old, new)
+    # The same data in batches of one size (and more than one value) is corrected.
+    data = tf.data.Dataset.from_tensor_slices(x).batch(12)
+    assert recompute_statistics(model, data, unbiased=True, verbose=0) == 2
+    assert not np.array_equal(before[-1], _snapshot(model)[-1])
 
 
 def test_recompute_with_steps_and_frozen_layers():
