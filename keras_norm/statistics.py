@@ -4,7 +4,4 @@ here warns (DeprecationWarning) and still works until the next release."""
 from keras_norm import _deprecated
 
 __all__ = sorted(_deprecated.MOVED[__name__])
-
-
-def __getattr__(name):
-    return _deprecated.forward(__name__, name)
+__getattr__ = _deprecated.module_getattr(__name__)

@@ -11,6 +11,7 @@ import os
 import sys
 
 from recipes import cli
+from recipes.config import ConfigError
 
 DEFAULT_TRAIN_SIZE = 10000
 DEFAULT_EPOCHS = 5
@@ -240,7 +241,7 @@ def prepare(argv=None):
     try:
         _check_norms(config)
     except (ValueError, TypeError) as err:
-        raise training.ConfigError(str(err).splitlines()[0]) from None
+        raise ConfigError(str(err).splitlines()[0]) from None
     if args.no_download:  # read by recipes.datasets' discovery (and by any worker we start)
         os.environ["KERAS_NORM_DOWNLOAD"] = "0"
     data = training.load_images(config.source)
@@ -257,7 +258,7 @@ def prepare(argv=None):
     try:  # What only the input shapes reveal, e.g. more groups than a layer has channels.
         training.build_model(config, data)
     except (ValueError, TypeError) as err:
-        raise training.ConfigError(str(err).splitlines()[0]) from None
+        raise ConfigError(str(err).splitlines()[0]) from None
     if args.overwrite and is_chief:
         outputs.clear_outputs(config.output)
     return config, data, (strategy, is_chief, worker_id)
@@ -274,7 +275,7 @@ def main(argv=None):
         if config.verbose and is_chief:
             print(f"Data: {data!r}", flush=True)
         results, target = training.train(config, data, strategy, is_chief, worker_id)
-    except training.ConfigError as err:
+    except ConfigError as err:
         print(f"python -m recipes.cifar: error: {err}", file=sys.stderr)
         return 2
     if is_chief:

@@ -140,12 +140,23 @@ GROUP_OF = {field.name: group for group, cls in GROUPS.items()
             for field in dataclasses.fields(cls)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(init=False)
 class RunConfig:
     """Everything a CIFAR run depends on, in five groups (see the module docstring).
 
     Each setting is also an attribute of its own name (`config.lr` is
-    `config.optimization.lr`, for reading and assigning), as in `to_dict`.
+    `config.optimization.lr`, for reading and assigning), as in `to_dict`, and a keyword of
+    the constructor: `RunConfig(lr=0.1, epochs=3)` is `RunConfig()` with those two settings,
+    and `dataclasses.replace(config, lr=0.2)` works too.
+
+    Args:
+        data, network, optimization, evaluation, run: The groups (`GROUPS`); a group not
+            given has its defaults.
+        **settings: Flat settings (`GROUP_OF`), applied after the groups (to a copy of a
+            given group, which stays as it was).
+
+    Raises:
+        TypeError: For a keyword that is neither a group nor a setting.
     """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -153,6 +164,24 @@ class RunConfig:
     optimization: OptimizationConfig = dataclasses.field(default_factory=OptimizationConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     run: RunSettings = dataclasses.field(default_factory=RunSettings)
+
+    def __init__(self, data=None, network=None, optimization=None, evaluation=None, run=None,
+                 **settings):
+        unknown = sorted(set(settings) - set(GROUP_OF))
+        if unknown:
+            raise TypeError(f"RunConfig: unknown setting(s) {unknown}; known: groups "
+                            f"{', '.join(GROUPS)}; settings {', '.join(GROUP_OF)}")
+        given = {"data": data, "network": network, "optimization": optimization,
+                 "evaluation": evaluation, "run": run}
+        changed = {GROUP_OF[name] for name in settings}
+        for group, value in given.items():
+            if value is None:
+                value = GROUPS[group]()
+            elif group in changed:  # e.g. dataclasses.replace, which passes the groups
+                value = dataclasses.replace(value)
+            object.__setattr__(self, group, value)
+        for name, value in settings.items():
+            setattr(self, name, value)
 
     def __getattr__(self, name):
         # Only called for names that are not attributes: the settings of the groups.

@@ -6,7 +6,7 @@
   `MultiWorkerMirroredStrategy`, with whether this process is the chief and its worker id.
 
 `recipes.training` trains under these (`recipes.training.create_strategy` and
-`configure_cpu_replicas` are still importable there).
+`configure_cpu_replicas` still work there until the next release, with a DeprecationWarning).
 """
 
 import json

@@ -12,7 +12,7 @@ recomputed as an equal-weight average over training batches, "precise BN").
 structure), `evaluate_modes` runs them; `recipes.training.train` calls it on the chief after
 training. The test examples, the training batches of `recomputed` and the balanced
 structure's k are `recipes.training`'s. `recipes.training.evaluate_modes` and
-`resolve_eval_modes` are still importable there.
+`resolve_eval_modes` still work there until the next release, with a DeprecationWarning.
 """
 
 import time

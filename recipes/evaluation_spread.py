@@ -54,9 +54,10 @@ def main(argv=None):
     import keras_norm  # noqa: F401  (registers the layers the saved model uses)
     from keras_norm import evaluation
     from recipes import training
+    from recipes.config import RunConfig
 
     results = json.loads((args.run / "results.json").read_text())
-    config = training.RunConfig.from_dict(results["config"])
+    config = RunConfig.from_dict(results["config"])
     data = training.shrink(training.load_images(config.source), config)
     model = keras.models.load_model(args.run / "model.keras")
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

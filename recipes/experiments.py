@@ -27,24 +27,26 @@ import sys
 import time
 from pathlib import Path
 
-# The tables and figures are written by recipes.report.experiments; the names stay importable
-# from here.
-from recipes.report.experiments import (  # noqa: F401
-    BATCH_STRUCTURE_MODES,
-    mean_spread as _mean_spread,
-    run_minutes as _run_minutes,
-    summarize as _summarize_experiment,
-    summarize_batch_structure as _summarize_batch_structure,
-    summarize_mixture as _summarize_mixture,
-    summarize_placement as _summarize_placement,
-    summarize_population as _summarize_population,
-    summarize_small_batch as _summarize_small_batch,
-    write_section,
-)
+from recipes.report import experiments as experiment_report
+
+#: Names that moved out of this module -> their module now (see `__getattr__`).
+MOVED = {"BATCH_STRUCTURE_MODES": "recipes.report.experiments",
+         "write_section": "recipes.report.experiments"}
+
+
+def __getattr__(name):
+    """The old path of a moved name (`MOVED`) still works, with a DeprecationWarning."""
+    if name not in MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Imported here, not at the top: keras_norm imports TensorFlow.
+    from keras_norm import _deprecated
+
+    return _deprecated.forward(__name__, name, MOVED)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path("runs/experiments")
-MARKDOWN = ROOT / "EXPERIMENTS.md"
+MARKDOWN = experiment_report.MARKDOWN
 PLOTS = ROOT / "docs" / "experiments"
 
 
@@ -217,13 +219,15 @@ def _population_runs():
 EXPERIMENTS = {
     experiment.name: experiment for experiment in (
         Experiment("batch_structure", "Batch structure", _batch_structure_runs(),
-                   _summarize_batch_structure),
-        Experiment("mixture", "Mixture Normalization", _mixture_runs(), _summarize_mixture),
+                   experiment_report.summarize_batch_structure),
+        Experiment("mixture", "Mixture Normalization", _mixture_runs(),
+                   experiment_report.summarize_mixture),
         Experiment("small_batch", "Small batches", _small_batch_runs(),
-                   _summarize_small_batch),
-        Experiment("placement", "Placement", _placement_runs(), _summarize_placement),
+                   experiment_report.summarize_small_batch),
+        Experiment("placement", "Placement", _placement_runs(),
+                   experiment_report.summarize_placement),
         Experiment("population", "Population statistics", _population_runs(),
-                   _summarize_population),
+                   experiment_report.summarize_population),
     )
 }
 
@@ -284,15 +288,16 @@ def run_experiment(experiment, output, jobs):
         for run in experiment.runs:
             results[run.name], trained_now = futures[run.name].result()
             trained += trained_now
-            print(f"  done: {run.name} ({_run_minutes(results[run.name]):.1f} min)", flush=True)
+            minutes = experiment_report.run_minutes(results[run.name])
+            print(f"  done: {run.name} ({minutes:.1f} min)", flush=True)
     return [(run, results[run.name]) for run in experiment.runs], trained
 
 
 def summarize(experiment, pairs, jobs, wall_seconds=None, trained=0):
     """Writes the experiment's plot into `PLOTS` and its section of `MARKDOWN` (EXPERIMENTS.md);
     returns the section. See `recipes.report.experiments.summarize`."""
-    return _summarize_experiment(experiment, pairs, jobs, wall_seconds, trained,
-                                 markdown=MARKDOWN, plots=PLOTS)
+    return experiment_report.summarize(experiment, pairs, jobs, wall_seconds, trained,
+                                       markdown=MARKDOWN, plots=PLOTS)
 
 
 def parse_args(argv=None):

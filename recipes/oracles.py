@@ -23,9 +23,9 @@
   idle workers kept until the search is over).
 
 The tuners that use them, and the chief's gRPC loop that serves them (`serve_search`), are
-`recipes.tuning`'s; every name here is still importable from there too
-(`recipes.tuning.GridOracle`, ...). The KerasTuner internals they override are listed in
-`recipes._tuner_compat`.
+`recipes.tuning`'s; the old paths of the names here (`recipes.tuning.GridOracle`, ...) still
+work until the next release, with a DeprecationWarning. The KerasTuner internals they override
+are listed in `recipes._tuner_compat`.
 """
 
 import itertools

@@ -10,7 +10,8 @@
   records this start's settings.
 
 `recipes.training` writes through these; its old names (`recipes.training.check_resumable`,
-`clear_outputs`, `CSV_NAME`, ...) are still importable there.
+`clear_outputs`, `CSV_NAME`, ...) still work there until the next release, with a
+DeprecationWarning.
 """
 
 import csv

@@ -27,7 +27,7 @@ The recipe, in short:
   interruption, without saving iterator state. With balanced batches under a strategy, each
   replica's slice of a global batch is balanced too when the replicas divide k.
 - After every epoch the test set is evaluated with the population statistics (the `test_`
-  columns of the logs and the curves), in batches of at least `EVAL_BATCH_SIZE`.
+  columns of the logs and the curves), in batches of `batch_size`.
 - Checkpoints (`tf.train.CheckpointManager` in `OUTPUT/checkpoints`): model, optimizer (its
   step counter drives the schedule) and the number of finished epochs, written after every
   epoch. Started again with the same command, a run restores the latest one and continues
@@ -44,10 +44,12 @@ The recipe, in short:
   the output folder's file names, logs and recorded settings `recipes.outputs`'s; the
   evaluation modes that `train` runs after training `recipes.evaluation_modes`'s.
 
-Also importable here (moved): `configure_cpu_replicas`, `create_strategy` (from
-`recipes.distribution`); `CSV_NAME`, `RUN_CONFIG_NAME`, `CSV_FIELDS`, `RUN_FOLDERS`,
-`RUN_FILES`, `clear_outputs`, `check_resumable` (from `recipes.outputs`);
-`resolve_eval_modes`, `evaluate_modes` (from `recipes.evaluation_modes`).
+Deprecated here (moved; `MOVED`): `RunConfig`, `ConfigError`, `BATCH_STRUCTURES`, `EVAL_MODES`,
+`OPTIMIZERS`, `SCHEDULES`, `STRATEGIES` (now in `recipes.config`); `configure_cpu_replicas`,
+`create_strategy` (`recipes.distribution`); `CSV_NAME`, `RUN_CONFIG_NAME`, `CSV_FIELDS`,
+`RUN_FOLDERS`, `RUN_FILES`, `clear_outputs`, `check_resumable` (`recipes.outputs`);
+`resolve_eval_modes`, `evaluate_modes` (`recipes.evaluation_modes`). They still work from here
+until the next release, with a DeprecationWarning naming their new module.
 """
 
 import dataclasses
@@ -59,18 +61,31 @@ from pathlib import Path
 
 import numpy as np
 
-from recipes.config import (  # noqa: F401  (re-exported: recipes.training.RunConfig etc.)
-    BATCH_STRUCTURES, EVAL_MODES, OPTIMIZERS, SCHEDULES, STRATEGIES, ConfigError, RunConfig)
-from recipes.distribution import configure_cpu_replicas, create_strategy  # noqa: F401
-from recipes.evaluation_modes import evaluate_modes, resolve_eval_modes  # noqa: F401
-from recipes.outputs import (  # noqa: F401
-    CSV_FIELDS, CSV_NAME, RUN_CONFIG_NAME, RUN_FILES, RUN_FOLDERS, _Logs, check_resumable,
-    clear_outputs)
+from recipes import config as run_config
+from recipes import evaluation_modes, outputs
+
+#: Names that moved out of this module -> their module now (see `__getattr__`).
+MOVED = {
+    **dict.fromkeys(("BATCH_STRUCTURES", "EVAL_MODES", "OPTIMIZERS", "SCHEDULES", "STRATEGIES",
+                     "ConfigError", "RunConfig"), "recipes.config"),
+    **dict.fromkeys(("configure_cpu_replicas", "create_strategy"), "recipes.distribution"),
+    **dict.fromkeys(("evaluate_modes", "resolve_eval_modes"), "recipes.evaluation_modes"),
+    **dict.fromkeys(("CSV_FIELDS", "CSV_NAME", "RUN_CONFIG_NAME", "RUN_FILES", "RUN_FOLDERS",
+                     "check_resumable", "clear_outputs"), "recipes.outputs"),
+}
+
+
+def __getattr__(name):
+    """The old path of a moved name (`MOVED`) still works, with a DeprecationWarning."""
+    if name not in MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Imported here, not at the top: keras_norm imports TensorFlow.
+    from keras_norm import _deprecated
+
+    return _deprecated.forward(__name__, name, MOVED)
+
 
 REFERENCE_BATCH_SIZE = 128
-#: Smallest batch of the evaluation passes with population statistics, whose results do not
-#: depend on the batch: a batch-2 run would otherwise evaluate 2 images per step.
-EVAL_BATCH_SIZE = 256
 #: Settings that must not change when a run is resumed from its checkpoints.
 RESUME_KEYS = ("model", "norm", "norm_kwargs", "placement", "other_norm", "head_norm",
                "source", "train_size", "batch_size", "batch_structure", "examples_per_class",
@@ -113,7 +128,7 @@ def load_images(source):
     try:
         return datasets.load_data(source)
     except (ValueError, OSError) as err:  # DataNotFoundError is a ValueError
-        raise ConfigError(str(err)) from None
+        raise run_config.ConfigError(str(err)) from None
 
 
 def shrink(data, config):
@@ -125,7 +140,7 @@ def shrink(data, config):
     try:
         return datasets.subset(data, config.train_size, config.test_size, seed=config.seed)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise run_config.ConfigError(str(err)) from None
 
 
 def split_validation(data, train_size, val_size, seed):
@@ -152,7 +167,7 @@ def split_validation(data, train_size, val_size, seed):
     available = len(data.y_train)
     total = (train_size or available - val_size) + val_size
     if val_size >= available or total > available:
-        raise ConfigError(
+        raise run_config.ConfigError(
             f"--train-size {train_size or 'all'} + --val-size {val_size} need more than the "
             f"{available} images of the training split")
     pool = datasets.subset(data, train_size=total, seed=seed) if total < available else data
@@ -183,16 +198,17 @@ def validate(config, num_classes):
     """Checks the settings that depend on the data; raises `ConfigError`."""
     if config.batch_structure == "balanced":
         if config.batch_size % num_classes:
-            raise ConfigError(
+            raise run_config.ConfigError(
                 f"--batch-structure balanced needs a batch size divisible by the {num_classes} "
                 f"classes (k examples of each class); got --batch-size {config.batch_size}")
         k = examples_per_class(config, num_classes)
         if k * num_classes != config.batch_size:
-            raise ConfigError(
+            raise run_config.ConfigError(
                 f"--examples-per-class {k} and --batch-size {config.batch_size} disagree: a "
                 f"balanced batch holds k x {num_classes} classes = {k * num_classes} images")
     elif config.examples_per_class is not None:
-        raise ConfigError("--examples-per-class only applies with --batch-structure balanced")
+        raise run_config.ConfigError(
+            "--examples-per-class only applies with --batch-structure balanced")
 
 
 def _train_dataset(config, data, epoch, num_replicas):
@@ -402,28 +418,29 @@ def fit(config, data, strategy, is_chief=True, worker_id=0, start_from=None):
 
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    check_resumable(output / RUN_CONFIG_NAME, config.to_dict(), RESUME_KEYS, "run",
-                    write=is_chief)
+    outputs.check_resumable(output / outputs.RUN_CONFIG_NAME, config.to_dict(), RESUME_KEYS,
+                            "run", write=is_chief)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(config.seed)
     epoch_steps = steps_per_epoch(config, data)
     if epoch_steps < 1:
-        raise ConfigError(f"an epoch would hold no batch: {len(data.y_train)} training images "
-                          f"for --batch-size {config.batch_size}")
+        raise run_config.ConfigError(
+            f"an epoch would hold no batch: {len(data.y_train)} training images for "
+            f"--batch-size {config.batch_size}")
     model, optimizer, checkpoint, latest = _restore_or_create(
         config, data, strategy, output, epoch_steps, start_from)
     start_epoch = int(checkpoint.finished_epochs.numpy())
     if start_epoch:
         _print(config, is_chief, f"Resuming from {latest}: {start_epoch}/{config.epochs} epochs "
                                  "already done.")
-    logs = _Logs(output, is_chief)
+    logs = outputs._Logs(output, is_chief)
     logs.restore(start_epoch)
     manager = (tf.train.CheckpointManager(checkpoint, str(output / "checkpoints"),
                                           max_to_keep=2) if is_chief else None)
     train_step, test_step = _distributed_steps(strategy, model, optimizer, config.jit,
                                                config.mixed_precision)
-    test_batches = test_examples(data).batch(max(config.batch_size, EVAL_BATCH_SIZE))
+    test_batches = test_examples(data).batch(config.batch_size)
     distributed_test = strategy.experimental_distribute_dataset(test_batches)
     diverged_at = None
     for epoch in range(start_epoch, config.epochs):
@@ -512,7 +529,7 @@ def train(config, data, strategy, is_chief=True, worker_id=0):
                      "diverged_at_epoch": trained.diverged_at, "history": trained.history},
     }
     if is_chief:
-        results["evaluation"], results["skipped_evaluation"] = evaluate_modes(
+        results["evaluation"], results["skipped_evaluation"] = evaluation_modes.evaluate_modes(
             config, data, eval_model)
     else:
         results["evaluation"] = {"population": eval_model.evaluate(

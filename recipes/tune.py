@@ -16,6 +16,7 @@ from pathlib import Path
 
 from recipes import cli
 from recipes.cifar import DEFAULT_TRAIN_SIZE
+from recipes.config import ConfigError
 
 PROG = "python -m recipes.tune"
 DEFAULT_NORMS = ("batch", "group")
@@ -328,7 +329,7 @@ def _check_norms(args):
         try:
             spec.build(channels=16, **kwargs)
         except (ValueError, TypeError) as err:
-            raise _config_error(f"norm {name!r}: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"norm {name!r}: {str(err).splitlines()[0]}") from None
 
 
 def _check_models(args, data):
@@ -345,15 +346,9 @@ def _check_models(args, data):
                                placement=placement, num_classes=data.num_classes,
                                input_shape=data.image_shape)
         except (ValueError, TypeError) as err:
-            raise _config_error(f"{model} with norm {norm!r}, placement {placement!r}: "
-                                f"{str(err).splitlines()[0]}") from None
+            raise ConfigError(f"{model} with norm {norm!r}, placement {placement!r}: "
+                              f"{str(err).splitlines()[0]}") from None
     keras.backend.clear_session(free_memory=False)
-
-
-def _config_error(message):
-    from recipes.training import ConfigError
-
-    return ConfigError(message)
 
 
 def _default_sizes(args, available):
@@ -393,7 +388,7 @@ def prepare(argv=None):
     try:
         role = tuning.distributed_role()
     except ValueError as err:
-        raise training.ConfigError(str(err)) from None
+        raise ConfigError(str(err)) from None
     chief = role is not None and role[0] == "chief"
     if chief:
         _hide_gpus()
@@ -409,18 +404,18 @@ def prepare(argv=None):
     try:
         data = datasets.load_data(source, small=args.quick)
     except (ValueError, OSError) as err:
-        raise training.ConfigError(str(err).splitlines()[0]) from None
+        raise ConfigError(str(err).splitlines()[0]) from None
     _check_models(args, data)
     train_size, val_size = _default_sizes(args, len(data.y_train))
     split = training.split_validation(data, train_size, val_size, args.seed)
     too_big = [size for size in args.batch_sizes if size > len(split.y_train)]
     if too_big:
-        raise training.ConfigError(f"--batch-sizes {too_big} exceed the {len(split.y_train)} "
-                                   "training images (an epoch would hold no batch)")
+        raise ConfigError(f"--batch-sizes {too_big} exceed the {len(split.y_train)} "
+                          "training images (an epoch would hold no batch)")
     uneven = [size for size in args.batch_sizes if size % replicas]
     if uneven:
-        raise training.ConfigError(f"--batch-sizes {uneven} do not split evenly over the "
-                                   f"{replicas} replicas of --strategy {args.strategy}")
+        raise ConfigError(f"--batch-sizes {uneven} do not split evenly over the "
+                          f"{replicas} replicas of --strategy {args.strategy}")
     config = _search_config(args, data.source if source is None else str(source),
                             len(split.y_train), len(split.y_test))
     recorded = Path(args.output) / SEARCH_CONFIG_NAME
@@ -514,11 +509,12 @@ def main(argv=None):
     """Runs the command line; returns the exit status."""
     cli.require_recipes_extra("python -m recipes.tune")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from recipes import training, tuning
+    from recipes import tuning
+    from recipes.report import search as search_report
 
     try:
         setup = prepare(argv)
-    except training.ConfigError as err:
+    except ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     args, role = setup["args"], setup["role"]
@@ -543,8 +539,8 @@ def main(argv=None):
               + (f"; {note}" if note else "") + "; the chief writes the results.", flush=True)
         return status
     rows = tuning.trial_rows(tuner)
-    paths = tuning.write_results(rows, args.output, settings=_settings(setup))
-    best = tuning.best_row(rows)
+    paths = search_report.write_results(rows, args.output, settings=_settings(setup))
+    best = search_report.best_row(rows)
     print(summary(rows, best, paths, note), flush=True)
     return status
 
@@ -562,7 +558,7 @@ def _role_line(role):
 
 def summary(rows, best, paths, note=None):
     """The lines printed at the end."""
-    from recipes import tuning
+    from recipes.report import search as search_report
 
     done = sum(row["status"] == "COMPLETED" for row in rows)
     lines = [f"{len(rows)} trial(s), {done} completed."]
@@ -573,7 +569,7 @@ def summary(rows, best, paths, note=None):
     if note:
         lines.append(note)
     if best is not None:
-        lines.append(f"Best: {tuning.describe(best)}")
+        lines.append(f"Best: {search_report.describe(best)}")
     lines.append(f"Results: {paths['markdown']} ({paths['csv'].name}, {paths['plot'].name} "
                  "beside it)")
     return "\n".join(lines)

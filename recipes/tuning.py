@@ -13,8 +13,9 @@
 - `make_tuner(...)`: the tuner of a given kind (`random`, `bayesian`, `hyperband`, `grid`),
   resumable (`overwrite=False` reloads the project). Each tuner runs its trials through
   `NormBatchHyperModel.train`, in the trial's own folder (`search/trial_<id>/`).
-- `trial_rows`, `write_results`: one row per trial into `results.csv` and `results.md`, and the
-  "validation accuracy vs batch size, one line per norm" picture.
+- `trial_rows`: one row per trial, which `recipes.report.search.write_results` writes into
+  `results.csv` and `results.md`, with the "validation accuracy vs batch size, one line per
+  norm" picture.
 - Distributed search (KerasTuner's chief/worker mode, `distributed_role`): every oracle of
   `recipes.oracles` is a `SharedSearchOracle` (which tuner ran each trial; a lost worker's
   trial re-queued after `worker_timeout` seconds without a heartbeat; idle workers kept until
@@ -30,9 +31,11 @@ again: the oracles of `recipes.oracles` skip values whose hash is in the saved
 `tried_so_far`, and Hyperband continues its saved brackets (where, by design, one combination
 may run in several brackets, at different budgets).
 
-Also importable here (from `recipes.oracles`): `SharedSearchOracle`, `GridOracle`,
-`RandomSearchOracle`, `BayesianOptimizationOracle`, `HyperbandOracle`,
-`DEFAULT_WORKER_TIMEOUT`.
+Deprecated here (moved; `MOVED`): `SharedSearchOracle`, `GridOracle`, `RandomSearchOracle`,
+`BayesianOptimizationOracle`, `HyperbandOracle`, `DEFAULT_WORKER_TIMEOUT` (now in
+`recipes.oracles`); `OBJECTIVE`, `RESULT_FIELDS`, `write_results`, `best_row`, `describe`,
+`markdown`, `plot_accuracy_vs_batch_size` (`recipes.report.search`). They still work from here
+until the next release, with a DeprecationWarning naming their new module.
 """
 
 import math
@@ -44,27 +47,28 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 
-from recipes import _tuner_compat, models, training
-from recipes.oracles import (  # noqa: F401  (re-exported: recipes.tuning.GridOracle etc.)
-    DEFAULT_WORKER_TIMEOUT,
-    BayesianOptimizationOracle,
-    GridOracle,
-    HyperbandOracle,
-    RandomSearchOracle,
-    SharedSearchOracle,
-    _enumerable_values,
-)
-# The search's results files live in recipes.report.search; OBJECTIVE (the score's metric) and
-# RESULT_FIELDS (the columns of results.csv) are shared with it, the rest is importable here.
-from recipes.report.search import (  # noqa: F401
-    OBJECTIVE,
-    RESULT_FIELDS,
-    best_row,
-    describe,
-    markdown,
-    plot_accuracy_vs_batch_size,
-    write_results,
-)
+from recipes import _tuner_compat, models, oracles, training
+from recipes.config import RunConfig
+from recipes.report import search as search_report
+
+#: Names that moved out of this module -> their module now (see `__getattr__`).
+MOVED = {
+    **dict.fromkeys(("DEFAULT_WORKER_TIMEOUT", "SharedSearchOracle", "GridOracle",
+                     "RandomSearchOracle", "BayesianOptimizationOracle", "HyperbandOracle"),
+                    "recipes.oracles"),
+    **dict.fromkeys(("OBJECTIVE", "RESULT_FIELDS", "best_row", "describe", "markdown",
+                     "plot_accuracy_vs_batch_size", "write_results"), "recipes.report.search"),
+}
+
+
+def __getattr__(name):
+    """The old path of a moved name (`MOVED`) still works, with a DeprecationWarning."""
+    if name not in MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from keras_norm import _deprecated
+
+    return _deprecated.forward(__name__, name, MOVED)
+
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 #: Hyperparameter names, in the order of the grid and of the results table.
@@ -126,7 +130,7 @@ class NormBatchHyperModel(kt.HyperModel):
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.norm_kwargs = dict(norm_kwargs or {})
-        self.config = config if config is not None else training.RunConfig().replace(epochs=1)
+        self.config = config if config is not None else RunConfig().replace(epochs=1)
 
     def declare_hyperparameters(self, hp):
         for name in HP_NAMES:
@@ -203,7 +207,7 @@ class NormBatchHyperModel(kt.HyperModel):
                 f"loss) before any epoch after epoch {initial_epoch} finished")
         best = max(rows, key=lambda row: row["test_accuracy"])
         return {
-            OBJECTIVE: float(best["test_accuracy"]),
+            search_report.OBJECTIVE: float(best["test_accuracy"]),
             "val_loss": float(best["test_loss"]),
             "accuracy": float(best["accuracy"]),
             "best_epoch": float(best["epoch"]),
@@ -384,7 +388,7 @@ class RandomSearch(_SearchTuner, kt.Tuner):
     """Random search with `RandomSearchOracle`, trials trained by `recipes.training`."""
 
     def __init__(self, hypermodel=None, objective=None, max_trials=10, seed=None, **kwargs):
-        oracle = RandomSearchOracle(objective=objective, max_trials=max_trials, seed=seed)
+        oracle = oracles.RandomSearchOracle(objective=objective, max_trials=max_trials, seed=seed)
         super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
@@ -399,8 +403,8 @@ class Hyperband(_SearchTuner, kt.Tuner):
 
     def __init__(self, hypermodel=None, objective=None, max_epochs=100, factor=3,
                  hyperband_iterations=1, seed=None, **kwargs):
-        oracle = HyperbandOracle(objective, max_epochs=max_epochs, factor=factor,
-                                 hyperband_iterations=hyperband_iterations, seed=seed)
+        oracle = oracles.HyperbandOracle(objective, max_epochs=max_epochs, factor=factor,
+                                         hyperband_iterations=hyperband_iterations, seed=seed)
         super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
@@ -409,7 +413,7 @@ class BayesianOptimization(_SearchTuner, kt.Tuner):
 
     def __init__(self, hypermodel=None, objective=None, max_trials=10, num_initial_points=None,
                  alpha=1e-4, beta=2.6, seed=None, **kwargs):
-        oracle = BayesianOptimizationOracle(
+        oracle = oracles.BayesianOptimizationOracle(
             objective=objective, max_trials=max_trials, num_initial_points=num_initial_points,
             alpha=alpha, beta=beta, seed=seed)
         super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
@@ -419,7 +423,7 @@ class GridSearch(_SearchTuner, kt.Tuner):
     """Grid search with `GridOracle`: every combination once, resumable."""
 
     def __init__(self, hypermodel=None, objective=None, max_trials=None, seed=None, **kwargs):
-        oracle = GridOracle(objective=objective, max_trials=max_trials, seed=seed)
+        oracle = oracles.GridOracle(objective=objective, max_trials=max_trials, seed=seed)
         super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
         if oracle.max_trials is None:
             oracle.max_trials = oracle.grid_size()
@@ -438,7 +442,7 @@ def hyperband_plan(oracle):
 def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=None,
                epochs=1, seed=1, overwrite=False, distribution_strategy=None,
                num_initial_points=None, hyperband_factor=3, hyperband_iterations=1,
-               worker_timeout=DEFAULT_WORKER_TIMEOUT):
+               worker_timeout=oracles.DEFAULT_WORKER_TIMEOUT):
     """The tuner of `kind` over `hypermodel`, reloading `directory/project_name` if present.
 
     With KerasTuner's distributed environment variables set (`distributed_role`), the tuner
@@ -469,7 +473,7 @@ def make_tuner(kind, hypermodel, directory, project_name="search", max_trials=No
     """
     if not worker_timeout > 0:
         raise ValueError(f"make_tuner: worker_timeout must be > 0 seconds, got {worker_timeout!r}")
-    objective = kt.Objective(OBJECTIVE, direction="max")
+    objective = kt.Objective(search_report.OBJECTIVE, direction="max")
     if not overwrite:
         _reload_under_this_tuner_id(Path(directory) / project_name)
     common = dict(hypermodel=hypermodel, objective=objective, directory=str(directory),
@@ -531,7 +535,7 @@ def trial_rows(tuner):
         row = {"trial": trial_id, "status": trial.status}
         for name in HP_NAMES:
             row[name] = values.get(name)
-        for name in ("learning_rate", "epochs", OBJECTIVE, "best_epoch", "val_loss",
+        for name in ("learning_rate", "epochs", search_report.OBJECTIVE, "best_epoch", "val_loss",
                      "accuracy", "steps", "replicas", "seconds"):
             row[name] = (trial.metrics.get_last_value(name)
                          if trial.metrics.exists(name) else None)

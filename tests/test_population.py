@@ -138,7 +138,9 @@ def test_unbiased_needs_one_batch_size_and_leaves_statistics_untouched_otherwise
     with pytest.raises(ValueError, match=match):
         recompute_statistics(model, tf.data.Dataset.from_tensor_slices(x).batch(batch_size),
                              unbiased=True, verbose=0)
-    for old, new in zip(before, _snapshot(model)):
+    after = _snapshot(model)
+    assert len(after) == len(before) > 0
+    for old, new in zip(before, after):
         np.testing.assert_array_equal(old, new)
     # The same data in batches of one size (and more than one value) is corrected.
     data = tf.data.Dataset.from_tensor_slices(x).batch(12)

@@ -31,6 +31,7 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from recipes import cifar, outputs, training  # noqa: E402
+from recipes.config import RunConfig  # noqa: E402
 
 SMALL_NPZ = "../shared/data/cifar10-small.npz"  # relative to the project root, as documented
 # Two epochs of 10 random batches of 20 images; sync_batch, so that every strategy computes the
@@ -395,7 +396,7 @@ def test_parser_errors_are_one_line(capsys):
 
 def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
     (tmp_path / outputs.RUN_CONFIG_NAME).write_text(json.dumps(
-        {**training.RunConfig().replace(model="resnet20").to_dict()}))
+        {**RunConfig().replace(model="resnet20").to_dict()}))
     status, _, err = _main(["--data", SMALL_NPZ, "--train-size", "100", "--output",
                             str(tmp_path)], capsys)
     assert status == 2
@@ -433,6 +434,29 @@ def test_run_config_groups_the_settings_and_reads_runs_recorded_flat(tmp_path):
         run_config.RunConfig.from_dict({"batchsize": 64})
 
 
+def test_run_config_takes_flat_settings_too():
+    # As before the settings were grouped: RunConfig(lr=0.1) and dataclasses.replace.
+    import dataclasses
+
+    config = RunConfig(lr=0.1, epochs=3, batch_size=32)
+    assert (config.optimization.lr, config.optimization.epochs, config.data.batch_size) == (
+        0.1, 3, 32)
+    assert config == RunConfig().replace(lr=0.1, epochs=3, batch_size=32)
+    changed = dataclasses.replace(config, lr=0.2)
+    assert (changed.lr, changed.epochs, config.lr) == (0.2, 3, 0.1)  # config stays as it was
+    assert changed.optimization is not config.optimization
+    # Groups and flat settings together: the settings apply to (a copy of) the given group.
+    network = type(config.network)(model="resnet20")
+    mixed = RunConfig(network=network, norm="group", seed=5)
+    assert (mixed.model, mixed.norm, mixed.seed, network.norm) == (
+        "resnet20", "group", 5, "batch")
+    assert RunConfig(network=network).network is network
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['batchsize', 'lrr'\]"):
+        RunConfig(lrr=0.1, batchsize=4)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['lrr'\]"):
+        dataclasses.replace(config, lrr=0.1)
+
+
 def test_presets_set_the_papers_settings_and_flags_override_them():
     _, args = cifar.parse_args(["--preset", "mn_cnn", "--epochs", "3"])
     config = cifar.to_config(args)
@@ -448,12 +472,12 @@ def test_presets_set_the_papers_settings_and_flags_override_them():
 
 
 def test_learning_rate_scaling_and_schedule():
-    config = training.RunConfig().replace(lr=0.1, batch_size=256, warmup_epochs=1.0)
+    config = RunConfig().replace(lr=0.1, batch_size=256, warmup_epochs=1.0)
     schedule = training.learning_rate_schedule(config, total_steps=100, steps_in_epoch=10)
     assert training.scaled_learning_rate(config) == pytest.approx(0.2)
     rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100)]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.1, 0.0], abs=1e-6)  # warm-up, then cosine
-    constant = training.RunConfig().replace(lr=0.1, batch_size=64, schedule="constant")
+    constant = RunConfig().replace(lr=0.1, batch_size=64, schedule="constant")
     assert training.learning_rate_schedule(constant, 100, 10) == pytest.approx(0.05)
 
 
@@ -461,8 +485,8 @@ def test_weight_decay_applies_to_kernels_only():
     from recipes import models
 
     model = models.build_model("small_cnn", norm="batch")
-    config = training.RunConfig().replace(lr=0.128, batch_size=128, weight_decay=0.5,
-                                          schedule="constant", momentum=0.0)
+    config = RunConfig().replace(lr=0.128, batch_size=128, weight_decay=0.5,
+                                 schedule="constant", momentum=0.0)
     optimizer = training.make_optimizer(config, 10, 10, model.trainable_variables)
     before = {v.path: np.array(v) for v in model.trainable_variables}
     optimizer.apply_gradients([(np.zeros(v.shape, "float32"), v)
@@ -481,15 +505,29 @@ def test_help_explains_the_default_and_the_modes():
         assert fragment in " ".join(text.split()), fragment
 
 
-def test_moved_names_are_importable_from_training_too():
-    # The strategy, the output folder and the evaluation modes have their own modules;
-    # recipes.training.<name> is the same object.
-    from recipes import distribution, evaluation_modes, outputs
+def test_moved_names_still_work_from_training_and_warn():
+    # The settings, the strategy, the output folder and the evaluation modes have their own
+    # modules; recipes.training.<name> is the same object, with a DeprecationWarning.
+    from recipes import config, distribution, evaluation_modes, outputs
 
-    homes = {distribution: ("configure_cpu_replicas", "create_strategy"),
+    homes = {config: ("RunConfig", "ConfigError", "BATCH_STRUCTURES", "EVAL_MODES",
+                      "OPTIMIZERS", "SCHEDULES", "STRATEGIES"),
+             distribution: ("configure_cpu_replicas", "create_strategy"),
              outputs: ("CSV_NAME", "RUN_CONFIG_NAME", "CSV_FIELDS", "RUN_FOLDERS", "RUN_FILES",
                        "clear_outputs", "check_resumable"),
              evaluation_modes: ("resolve_eval_modes", "evaluate_modes")}
+    assert {name: module.__name__ for module, names in homes.items() for name in names} == (
+        training.MOVED)
     for module, names in homes.items():
         for name in names:
-            assert getattr(training, name) is getattr(module, name), name
+            with pytest.warns(DeprecationWarning,
+                              match=rf"recipes\.training\.{name} is deprecated.*use "
+                                    rf"{module.__name__}\.{name}\."):
+                assert getattr(training, name) is getattr(module, name), name
+    with pytest.warns(DeprecationWarning, match="recipes.training.RunConfig is deprecated"):
+        namespace = {}
+        exec("from recipes.training import RunConfig", namespace)
+    assert namespace["RunConfig"] is config.RunConfig
+    with pytest.raises(AttributeError, match="'recipes.training' has no attribute 'nothing'"):
+        training.nothing  # noqa: B018
+    assert not hasattr(training, "EVAL_BATCH_SIZE")  # the test pass batches with batch_size

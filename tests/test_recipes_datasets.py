@@ -325,19 +325,35 @@ def test_archive_member_outside_the_cache_is_refused(tmp_path):
 
 
 def test_package_exports_every_public_name():
-    """`from recipes import datasets` serves every public name that the single-file
-    recipes/datasets.py had, now from its submodules."""
-    single_file_names = (
+    """`from recipes import datasets` serves every public name of its submodules' API (those
+    of the single-file recipes/datasets.py among them): each the very object of the submodule
+    that holds it."""
+    import types
+
+    submodules = {name: getattr(datasets, name)
+                  for name in ("sources", "readers", "cache", "pipeline", "base")}
+    public = sorted(name for name, value in vars(datasets).items()
+                    if not name.startswith("_") and not isinstance(value, types.ModuleType))
+    assert public == sorted(datasets.__all__)
+    single_file_names = {
         "CIFAR10_MEAN", "CIFAR10_STD", "DATA_ENV_VAR", "CACHE_ENV_VAR", "DOWNLOAD_ENV_VAR",
         "TFDS_NAMES", "SHARED_FULL_NAME", "SHARED_SMALL_NAME", "IMAGE_SIZE", "CIFAR10_URL",
         "CIFAR10_SHA256", "CIFAR10_CACHE_NAME", "DataNotFoundError", "ImageData",
         "project_root", "shared_data_dir", "find_source", "download_enabled",
         "keras_cache_dir", "download_cifar10", "load_data", "default_cache_dir",
         "unpack_archive", "subset", "normalize_images", "make_dataset",
-    )
-    assert sorted(single_file_names) == sorted(datasets.__all__)
+    }
+    assert single_file_names <= set(datasets.__all__)
     for name in datasets.__all__:
-        assert getattr(datasets, name) is not None, name
+        value = getattr(datasets, name)
+        holders = [module for module in submodules.values() if hasattr(module, name)]
+        assert holders, f"{name}: in no submodule of recipes.datasets"
+        for module in holders:
+            assert getattr(module, name) is value, (name, module.__name__)
+        home = getattr(value, "__module__", None)  # functions and classes: where defined
+        if isinstance(value, (type, types.FunctionType)):
+            assert home in {module.__name__ for module in submodules.values()}, (name, home)
+            assert getattr(sys.modules[home], name) is value, name
     assert datasets.load_data is datasets.sources.load_data
 
 

@@ -18,6 +18,7 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from recipes import cifar, experiments  # noqa: E402
+from recipes.report import experiments as experiment_report  # noqa: E402
 
 
 def _results(run, accuracies, modes=None, steps_per_epoch=40, epochs=None, seconds=60.0):
@@ -230,11 +231,24 @@ def test_write_section_replaces_only_its_own_block(tmp_path):
     path = tmp_path / "EXPERIMENTS.md"
     path.write_text("intro\n<!-- a:begin -->\nold\n<!-- a:end -->\nmiddle\n"
                     "<!-- b:begin -->\nkeep\n<!-- b:end -->\n")
-    experiments.write_section("a", "new table", path)
-    experiments.write_section("c", "appended", path)
+    experiment_report.write_section("a", "new table", path)
+    experiment_report.write_section("c", "appended", path)
     text = path.read_text()
     assert "old" not in text and "new table" in text and "keep" in text
     assert text.index("middle") < text.index("<!-- b:begin -->") < text.index("appended")
+
+
+def test_write_section_defaults_to_the_projects_experiments_md(tmp_path, monkeypatch):
+    # The old call form, recipes.experiments.write_section(name, text), without a path.
+    assert experiment_report.MARKDOWN == experiments.ROOT / "EXPERIMENTS.md" == (
+        experiments.MARKDOWN)
+    path = tmp_path / "EXPERIMENTS.md"
+    path.write_text("intro\n<!-- a:begin -->\nold\n<!-- a:end -->\n")
+    monkeypatch.setattr(experiment_report, "MARKDOWN", path)
+    with pytest.warns(DeprecationWarning, match="recipes.experiments.write_section is deprec"):
+        write_section = experiments.write_section
+    write_section("a", "new table")
+    assert path.read_text() == "intro\n<!-- a:begin -->\nnew table\n<!-- a:end -->\n"
 
 
 def test_summarize_writes_the_section_and_the_plot(tmp_path, monkeypatch):

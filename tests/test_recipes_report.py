@@ -128,7 +128,20 @@ def test_moved_functions_keep_their_old_import_paths():
 
     for name in ("write_results", "markdown", "describe", "best_row",
                  "plot_accuracy_vs_batch_size", "RESULT_FIELDS", "OBJECTIVE"):
-        assert getattr(tuning, name) is getattr(search, name), name
-    assert experiments.write_section is experiment_report.write_section
+        with pytest.warns(DeprecationWarning,
+                          match=rf"recipes\.tuning\.{name} is deprecated.*use "
+                                rf"recipes\.report\.search\.{name}\."):
+            assert getattr(tuning, name) is getattr(search, name), name
+    for name in ("write_section", "BATCH_STRUCTURE_MODES"):
+        with pytest.warns(DeprecationWarning,
+                          match=rf"recipes\.experiments\.{name} is deprecated.*use "
+                                rf"recipes\.report\.experiments\.{name}\."):
+            assert getattr(experiments, name) is getattr(experiment_report, name), name
+    assert set(tuning.MOVED) == {"write_results", "markdown", "describe", "best_row",
+                                 "plot_accuracy_vs_batch_size", "RESULT_FIELDS", "OBJECTIVE",
+                                 "SharedSearchOracle", "GridOracle", "RandomSearchOracle",
+                                 "BayesianOptimizationOracle", "HyperbandOracle",
+                                 "DEFAULT_WORKER_TIMEOUT"}
+    assert set(experiments.MOVED) == {"write_section", "BATCH_STRUCTURE_MODES"}
     assert experiments.EXPERIMENTS["mixture"].summarize is experiment_report.summarize_mixture
     assert report.write is report.runs.write and report.summary is report.runs.summary

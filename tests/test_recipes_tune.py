@@ -583,13 +583,27 @@ def test_a_chief_that_cannot_listen_exits_2(tmp_path, capsys, monkeypatch):
                        "address in use or not of this machine")
 
 
-def test_oracles_are_importable_from_tuning_too():
-    # recipes.oracles holds them; recipes.oracles.GridOracle etc. are the same objects.
-    from recipes import oracles
-
+def test_oracles_still_work_from_tuning_and_warn():
+    # recipes.oracles holds them; recipes.tuning.GridOracle etc. are the same objects, with a
+    # DeprecationWarning naming recipes.oracles.
     for name in ("SharedSearchOracle", "GridOracle", "RandomSearchOracle",
                  "BayesianOptimizationOracle", "HyperbandOracle", "DEFAULT_WORKER_TIMEOUT"):
-        assert getattr(tuning, name) is getattr(oracles, name), name
+        assert tuning.MOVED[name] == "recipes.oracles"
+        with pytest.warns(DeprecationWarning,
+                          match=rf"recipes\.tuning\.{name} is deprecated.*use "
+                                rf"recipes\.oracles\.{name}\."):
+            assert getattr(tuning, name) is getattr(oracles, name), name
+    with pytest.raises(AttributeError, match="'recipes.tuning' has no attribute "):
+        tuning._enumerable_values  # noqa: B018 (private: not forwarded)
+
+
+def test_documented_paths_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from recipes.oracles import GridOracle, HyperbandOracle  # noqa: F401
+        from recipes.tuning import NormBatchHyperModel, make_tuner  # noqa: F401
 
 
 def test_command_line_and_library_agree_on_the_heartbeat():

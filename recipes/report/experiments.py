@@ -13,6 +13,9 @@ from pathlib import Path
 
 from recipes.report.figures import label, pyplot, save
 
+#: The project's EXPERIMENTS.md (`write_section`'s default).
+MARKDOWN = Path(__file__).resolve().parents[2] / "EXPERIMENTS.md"
+
 
 def mean_spread(values):
     """`"mean ± std"` over seeds (sample std; `± 0` for one value), in percent."""
@@ -329,16 +332,17 @@ def summarize_population(pairs, plot_path):
 
 # ------------------------------------------------------------------------ EXPERIMENTS.md
 
-def write_section(name, text, path):
+def write_section(name, text, path=None):
     """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` in `path`,
     or appends the block when the markers are not there.
 
     Args:
         name: the experiment's name, as in its markers.
         text: the new section.
-        path: the Markdown file (created if missing).
+        path: the Markdown file (created if missing). Defaults to the project's
+            EXPERIMENTS.md (`MARKDOWN`).
     """
-    path = Path(path)
+    path = Path(MARKDOWN if path is None else path)
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     document = path.read_text() if path.exists() else ""
     if begin in document and end in document:

@@ -7,7 +7,7 @@ from pathlib import Path
 from recipes.report.figures import label, pyplot, save
 
 #: The score of a trial: the name of the metric the KerasTuner search maximises
-#: (`recipes.tuning.OBJECTIVE`) and of its column in the results.
+#: (`kt.Objective` of `recipes.tuning`) and of its column in the results.
 OBJECTIVE = "val_accuracy"
 #: Columns of `results.csv`, in order: the keys of a trial row.
 RESULT_FIELDS = ("trial", "status", "norm", "batch_size", "model", "placement", "lr",
