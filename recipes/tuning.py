@@ -376,6 +376,31 @@ class _SearchTuner:
                 "(a distributed Hyperband search needs an --output every worker shares)")
         return latest
 
+    def load_model(self, trial):
+        """The trial's model with its weights after its last finished epoch, read from the
+        checkpoint `recipes.training` wrote in the trial's folder (what KerasTuner's
+        `get_best_models` returns). The last epoch rather than the best one: a trial keeps
+        the checkpoint it would resume from, and with a cosine schedule the last is the one
+        the learning rate decayed to.
+
+        Raises:
+            ValueError: The trial's folder holds no checkpoint (it never finished an epoch).
+        """
+        import tensorflow as tf
+
+        folder = Path(self.get_trial_dir(trial.trial_id)) / "checkpoints"
+        latest = tf.train.latest_checkpoint(str(folder))
+        if latest is None:
+            raise ValueError(f"load_model: trial {trial.trial_id} has no checkpoint in "
+                             f"{folder} (it finished no epoch)")
+        strategy = self.distribution_strategy or tf.distribute.get_strategy()
+        with strategy.scope():
+            model = self.hypermodel.build(trial.hyperparameters)
+        # The optimizer and epoch counter of the checkpoint are not needed; every weight of
+        # the model must be matched, so a model that no longer fits the checkpoint fails here.
+        tf.train.Checkpoint(model=model).restore(latest).assert_existing_objects_matched()
+        return model
+
     def on_trial_end(self, trial):
         if self._heartbeat is not None:
             self._heartbeat.set()

@@ -197,6 +197,26 @@ def test_resume_after_a_stop_completes_the_rest(tmp_path, monkeypatch, tuner, ex
         # Trial 2 started from the checkpoint of the trial it continues, after its epoch 1.
         log = (output / "search" / "trial_2" / outputs.CSV_NAME).read_text().splitlines()
         assert [line.split(",")[0] for line in log] == ["epoch", "2"]
+    # KerasTuner's `get_best_models`: the best trial's model after its last epoch, which
+    # scores on the validation images what that epoch's log says.
+    keras.backend.clear_session(free_memory=False)
+    setup = tune.prepare([str(arg) for arg in argv])
+    tuner = tune.build_tuner(setup)
+    (best_model,) = tuner.get_best_models(1)
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    log = output / "search" / f"trial_{best_trial.trial_id}" / outputs.CSV_NAME
+    with open(log, newline="") as handle:
+        last_epoch = list(csv.DictReader(handle))[-1]
+    images = training.test_examples(setup["split"]).batch(16)
+    logits = best_model.predict(images, verbose=0).astype("float64")
+    labels = setup["split"].y_test.reshape(-1)
+    # The loss, a continuous value, cannot agree by chance as a near-chance accuracy could.
+    log_softmax = logits - logits.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    loss = -np.mean(log_softmax[np.arange(len(labels)), labels])
+    assert loss == pytest.approx(float(last_epoch["test_loss"]), rel=1e-4)
+    accuracy = np.mean(np.argmax(logits, -1) == labels)
+    assert accuracy == pytest.approx(float(last_epoch["test_accuracy"]), abs=1e-6)
 
 
 def test_mirrored_strategy_trains_each_trial_on_all_replicas(tmp_path):
