@@ -63,7 +63,6 @@ def test_new_paths_do_not_warn():
 def _old_recipes_paths():
     """`{short module name: (full name, its moved names)}` of the recipes modules that lost
     names (their `MOVED`)."""
-    pytest.importorskip("keras_tuner")
     from recipes import experiments, training, tuning
 
     return {module.__name__.rsplit(".", 1)[1]: (module.__name__, set(module.MOVED))
